@@ -1,0 +1,240 @@
+"""Experiment configs: load, override from the command line, validate, resolve durations.
+
+An experiment is a Python file with `get_config(arg=None) -> ConfigDict`; `arg` is the
+text after `:` in `--config=experiments/x.py:variant=S/16,steps=100` and is parsed with
+`parse_arg`. The experiment's config is laid over `defaults()` (the full list of knobs);
+`--config.KEY=VALUE` then overrides single fields. Any key that `defaults()` does not know
+is an error naming the key and the closest known one, so a typo never silently does
+nothing. Subtrees whose keys belong to another component (`model`, `optax`, each entry of
+`evals`) are free-form here and checked by that component.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from vitcls.errors import UserError
+
+ConfigDict = ml_collections.ConfigDict
+
+# Subtrees whose keys are validated by the component that consumes them.
+FREE_FORM = ("model", "optax", "evals")
+
+
+class ConfigError(UserError):
+  """A config names an unknown key, has a bad value, or cannot be loaded."""
+
+
+def defaults() -> ConfigDict:
+  """Every knob the trainer reads, with its default. Experiments override these."""
+  c = ConfigDict()
+  c.seed = 0
+  c.model_name = "vit"
+  c.num_classes = 10
+  c.model = ConfigDict()
+  c.model_init = ""  # Reserved for checkpoint import (npz or workdir); empty = fresh init.
+
+  c.input = ConfigDict()
+  c.input.data = ConfigDict({"name": "mnist5k", "split": "train"})
+  c.input.data_dir = ""  # Empty: $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+  c.input.pp = "value_range(-1,1)|onehot(10)"
+  c.input.batch_size = 128  # Global batch, split over processes and devices.
+  c.input.num_threads = 4  # Host threads running preprocessing.
+  c.input.prefetch = 4  # Batches prepared ahead on the host.
+  c.input.device_prefetch = 2  # Batches already on device ahead of the step.
+
+  # Durations: total_steps wins over total_examples, which wins over total_epochs.
+  c.total_steps = config_dict.placeholder(int)
+  c.total_examples = config_dict.placeholder(int)
+  c.total_epochs = config_dict.placeholder(float)
+
+  c.optax_name = "adamw"  # adamw | sgd | adafactor
+  c.optax = ConfigDict()  # Extra keyword arguments of the optax optimiser (b1, momentum...).
+  c.lr = 1e-3
+  c.wd = 1e-4  # Decoupled weight decay, applied to params matching wd_mask.
+  c.wd_mask = r".*/kernel$"
+  c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
+  c.label_smoothing = 0.0
+  c.schedule = ConfigDict()
+  c.schedule.decay_type = "cosine"  # cosine | linear | rsqrt | constant
+  c.schedule.warmup_steps = 0
+  c.schedule.warmup_percent = 0.0  # Used when warmup_steps is 0.
+  c.schedule.end_factor = 0.0  # Final lr as a fraction of `lr` (cosine, linear).
+  c.schedule.timescale = 10_000  # rsqrt decay timescale in steps.
+
+  c.evals = ConfigDict()  # name -> evaluator config (see vitcls.evaluators).
+
+  c.mesh = [("data", -1)]  # (axis, size); -1 takes the devices left over.
+  c.sharding_rules = [(".*", "replicate")]  # (regex on param path, replicate | fsdp)
+
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+  c.async_checkpoints = True
+  return c
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
+  """Parses `k=v,k2=v2` into a ConfigDict typed like the defaults given in `spec`.
+
+  `parse_arg("variant=B/32,steps=10", variant="S/16", steps=100)` gives
+  `{variant: "B/32", steps: 10}`. A key not in `spec` is an error.
+  """
+  out = ConfigDict(dict(spec))
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ConfigError(f"config argument '{item}' must look like key=value")
+    key, value = item.split("=", 1)
+    if key not in spec:
+      raise ConfigError(f"unknown config argument '{key}': known ones are "
+                        f"{', '.join(sorted(spec)) or 'none'}")
+    out[key] = _convert(value, spec[key], key)
+  return out
+
+
+def load_experiment(spec: str) -> ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file '{path}' does not exist: pass "
+                      f"--config=experiments/NAME.py[:k=v,...]")
+  module_spec = importlib.util.spec_from_file_location("vitcls_experiment", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
+  return module.get_config(arg or None)
+
+
+def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
+  """Lays `config` over `defaults()`, then applies `KEY=VALUE` overrides; validates keys."""
+  merged = defaults()
+  _merge(merged, config, prefix="")
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override '{item}' must look like --config.KEY=VALUE")
+    set_value(merged, key, value)
+  merged.lock()
+  return merged
+
+
+def _suggest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=1)
+  return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _merge(base: ConfigDict, new: ConfigDict, prefix: str) -> None:
+  for key, value in new.items():
+    path = prefix + key
+    if key not in base:
+      raise ConfigError(f"unknown config key '{path}'{_suggest(key, base.keys())}: "
+                        f"see vitcls.configs.defaults() for the known keys")
+    if path in FREE_FORM:
+      base[key] = ConfigDict(value.to_dict() if isinstance(value, ConfigDict) else value)
+    elif isinstance(base[key], ConfigDict):
+      if not isinstance(value, (ConfigDict, dict)):
+        raise ConfigError(f"config key '{path}' must be a dict, not {value!r}")
+      _merge(base[key], ConfigDict(value), path + ".")
+    else:
+      with base.ignore_type():
+        base[key] = value
+
+
+def set_value(config: ConfigDict, dotted_key: str, text: str) -> None:
+  """Sets `config.<dotted_key>` from command-line text, converted to the field's type."""
+  parts = dotted_key.split(".")
+  node, prefix = config, ""
+  for i, part in enumerate(parts):
+    path = prefix + part
+    free = any(path == f or path.startswith(f + ".") for f in FREE_FORM)
+    last = i == len(parts) - 1
+    if part not in node:
+      if not (free and prefix):  # New keys only inside free-form subtrees.
+        raise ConfigError(f"unknown config key '{dotted_key}'"
+                          f"{_suggest(part, node.keys())}: check the spelling, or see "
+                          f"vitcls.configs.defaults() for the known keys")
+      with node.unlocked():
+        node[part] = _literal(text) if last else ConfigDict()
+      if last:
+        return
+    if last:
+      current = node[part]
+      kind = node.get_type(part) if isinstance(node, ConfigDict) else type(current)
+      with node.ignore_type():
+        node[part] = _convert(text, current, dotted_key, kind)
+      return
+    node, prefix = node[part], prefix + part + "."
+    if not isinstance(node, ConfigDict):
+      raise ConfigError(f"config key '{prefix[:-1]}' is a value, not a dict: cannot set "
+                        f"'{dotted_key}'")
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _convert(text: str, current: Any, key: str, kind: type | None = None) -> Any:
+  """Converts command-line text to the type of the field's current value."""
+  kind = kind or type(current)
+  if text == "None":
+    return None
+  try:
+    if kind is bool:
+      if text.lower() in ("true", "1", "yes"):
+        return True
+      if text.lower() in ("false", "0", "no"):
+        return False
+      raise ValueError(text)
+    if kind is int:
+      value = _literal(text)
+      if isinstance(value, float) and value.is_integer():
+        value = int(value)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(text)
+      return value
+    if kind is float:
+      return float(text)
+    if kind is str:
+      return text
+    if kind in (list, tuple):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (list, tuple)):
+        raise ValueError(text)
+      return kind(value)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"config key '{key}' expects a {kind.__name__}, got '{text}'") from e
+  return _literal(text)
+
+
+def total_steps(config: ConfigDict, num_train_examples: int) -> int:
+  """Training length in steps: total_steps, else total_examples, else total_epochs."""
+  batch = config.input.batch_size
+  if config.total_steps is not None:
+    steps = config.total_steps
+  elif config.total_examples is not None:
+    steps = -(-config.total_examples // batch)
+  elif config.total_epochs is not None:
+    steps = int(-(-config.total_epochs * num_train_examples // batch))
+  else:
+    raise ConfigError("no training length: set total_steps, total_examples or "
+                      "total_epochs")
+  if steps <= 0:
+    raise ConfigError(f"training length must be positive, got {steps} steps")
+  return int(steps)
+
+
+def to_json(config: ConfigDict) -> str:
+  """The resolved config as indented JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,35 @@
+"""Evaluators by name: `config.evals.<name>.type` picks `vitcls.evaluators.<type>`.
+
+Each evaluator module defines `defaults()` (its config keys) and `Evaluator(config,
+context)` with `run(params) -> dict of scalars`. Adding one is adding a file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from vitcls.configs import ConfigDict, ConfigError
+
+
+def available() -> list[str]:
+  return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
+def get(kind: str):
+  """The evaluator module for `kind`, or a clear error listing the known ones."""
+  if kind not in available():
+    raise ConfigError(f"unknown evaluator type '{kind}': available: {', '.join(available())}")
+  return importlib.import_module(f"{__name__}.{kind}")
+
+
+def resolve(name: str, config) -> ConfigDict:
+  """Lays one `evals.<name>` entry over its evaluator's defaults; unknown keys are errors."""
+  kind = config.get("type", "classification")
+  merged = get(kind).defaults()
+  for key, value in config.items():
+    if key not in merged:
+      raise ConfigError(f"unknown config key 'evals.{name}.{key}' for evaluator '{kind}': "
+                        f"known ones are {', '.join(sorted(merged))}")
+    merged[key] = value
+  return merged

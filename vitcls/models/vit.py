@@ -1,0 +1,312 @@
+"""Vision Transformer (Dosovitskiy et al. 2021) as a Flax linen module.
+
+`Model(num_classes=1000, variant="B/16", pool_type="tok")` is the original ViT-B/16: same
+numerics (pre-norm blocks, LayerNorm eps 1e-6, tanh-approximate GELU, xavier-uniform
+attention/MLP kernels) and the same parameter names as google-research/vision_transformer
+and big_vision, so their `.npz` checkpoints map onto it. Every config key is a dataclass
+field, so `Model(num_classes, **config.model)` needs no translation layer.
+
+`apply({'params': p}, images, train=...)` takes NHWC images in [-1, 1] and returns
+`(logits, aux)`; aux holds "stem" (patch grid), "encoded" (all tokens after the final
+LayerNorm, the cls token first when pool_type="tok") and "pre_logits" (what the head sees).
+Logits and aux features are float32 whatever `dtype` computes in.
+"""
+
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitcls.models import common
+
+# name: (width, depth, mlp_dim, num_heads)
+VARIANTS = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+}
+POOL_TYPES = ("gap", "tok", "map")
+POSEMBS = ("learn", "sincos2d")
+
+
+def decode_variant(variant: Optional[str]) -> dict:
+  """"S/16" -> dict(width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=(16, 16)).
+
+  None gives {} (every size field must then be set explicitly). Anything else that is not
+  NAME/PATCH with a known NAME and a positive integer PATCH raises ValueError in one line.
+  Cheap and pure: the trainer calls it to validate a config before building anything.
+  """
+  if variant is None:
+    return {}
+  error = ValueError(
+      f"unknown ViT variant {variant!r}: expected NAME/PATCH with NAME in "
+      f"{', '.join(VARIANTS)} (e.g. 'S/16')")
+  if not isinstance(variant, str) or variant.count("/") != 1:
+    raise error
+  name, patch = variant.split("/")
+  if name not in VARIANTS or not patch.isdigit() or int(patch) <= 0:
+    raise error
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads,
+              patch_size=(int(patch), int(patch)))
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
+  """Fixed 2D sin-cos position embedding, shape (1, h*w, width), row-major over the grid.
+
+  Channels are [sin(x*omega), cos(x*omega), sin(y*omega), cos(y*omega)], each width/4 wide,
+  with omega_k = temperature**(-k / (width/4 - 1)) (as in big_vision / MoCo v3).
+  """
+  if width % 4:
+    raise ValueError(f"posemb='sincos2d' needs width divisible by 4, got width={width}")
+  quarter = width // 4
+  y, x = jnp.mgrid[:h, :w]
+  omega = jnp.arange(quarter) / max(quarter - 1, 1)
+  omega = 1.0 / (temperature ** omega)
+  y = y.reshape(-1)[:, None] * omega[None, :]
+  x = x.reshape(-1)[:, None] * omega[None, :]
+  pe = jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
+  return pe[None].astype(jnp.float32)
+
+
+class MlpBlock(nn.Module):
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(width) -> dropout."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dense = lambda n: nn.Dense(  # noqa: E731
+        n, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    width = x.shape[-1]
+    x = dense(self.mlp_dim)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic)
+    x = dense(width)(x)
+    return nn.Dropout(rate=self.dropout)(x, deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  Returns (x, None) so the same module serves as a body of `nn.scan`. `drop_rate` is this
+  block's stochastic-depth rate (a float, or a traced scalar under scan); it is applied
+  to both residual branches only when `use_drop_path` and not `deterministic`.
+  """
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  use_drop_path: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, drop_rate, deterministic: bool = True):
+    def branch(y):
+      if self.use_drop_path and not deterministic:
+        y = common.drop_path(y, drop_rate, self.make_rng("dropout"))
+      return y
+
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(),
+        deterministic=True)(y, y)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic)
+    x = x + branch(y)
+
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
+        y, deterministic)
+    return x + branch(y), None
+
+
+class Encoder(nn.Module):
+  """`depth` blocks (`encoderblock_{i}`, or one stacked `encoderblock` when scanned) and
+  the final LayerNorm `encoder_norm`.
+
+  Stochastic depth grows linearly with depth, as in DeiT/timm: block i drops with rate
+  stoch_depth * i / (depth - 1), so the first block never drops and the last uses the full
+  rate (a depth-1 encoder therefore never drops).
+  """
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  stoch_depth: float = 0.0
+  dtype: Any = jnp.float32
+  remat: bool = False
+  remat_policy: Optional[str] = None
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    rates = np.linspace(0.0, self.stoch_depth, self.depth)
+    block = Encoder1DBlock
+    if self.remat:
+      # Arguments count from self=0: x=1, drop_rate=2, deterministic=3 (a Python bool).
+      block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,),
+                       policy=_remat_policy(self.remat_policy))
+    kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
+              use_drop_path=self.stoch_depth > 0, dtype=self.dtype)
+    if self.scan:
+      scanned = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast), length=self.depth)
+      x, _ = scanned(name="encoderblock", **kw)(
+          x, jnp.asarray(rates, jnp.float32), deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **kw)(x, float(rates[i]), deterministic)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+                        name="encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens, then an MLP."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    probe = jnp.tile(probe, [n, 1, 1]).astype(self.dtype)
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(probe, x)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
+    return x[:, 0]
+
+
+def _remat_policy(name: Optional[str]):
+  """None -> save nothing; else a name from `jax.checkpoint_policies`, e.g. "dots_saveable"."""
+  if name is None:
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or name.startswith("_") or name.startswith("save_"):
+    options = [p for p in dir(jax.checkpoint_policies)
+               if not p.startswith(("_", "save_")) and p != "offload_dot_with_no_batch_dims"]
+    raise ValueError(f"unknown remat_policy {name!r}: expected one of {', '.join(options)}")
+  return policy
+
+
+class Model(nn.Module):
+  """ViT classifier. Size comes from `variant` ("S/16"); explicit size fields override it.
+
+  pool_type: "gap" (mean of tokens), "tok" (learned cls token at position 0, head reads
+    token 0) or "map" (attention pooling with a learned probe).
+  posemb: "learn" (param `pos_embedding`, covering the cls token too with "tok") or
+    "sincos2d" (fixed, no param; the cls token gets no position embedding).
+  rep_size: int adds Dense(rep_size)+tanh ("pre_logits") before the head; True = width.
+  dropout: after the position embedding and in every block (attention output, MLP).
+  stoch_depth: drop-path on each residual branch, per example, rate linear in depth from 0
+    (first block) to stoch_depth (last block); active only with train=True.
+  dtype: compute dtype ("bfloat16" for mixed precision); params stay float32.
+  remat / remat_policy: rematerialise each block in the backward pass.
+  scan: one `nn.scan` over blocks, params stacked on a leading depth axis.
+  """
+  num_classes: Optional[int] = None
+  variant: Optional[str] = None
+  width: Optional[int] = None
+  depth: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  num_heads: Optional[int] = None
+  patch_size: Optional[Union[int, Sequence[int]]] = None
+  posemb: str = "learn"
+  pool_type: str = "gap"
+  rep_size: Union[int, bool] = False
+  dropout: float = 0.0
+  stoch_depth: float = 0.0
+  dtype: Optional[str] = None
+  remat: bool = False
+  remat_policy: Optional[str] = None
+  scan: bool = False
+  head_zeroinit: bool = True
+
+  def sizes(self) -> dict:
+    """The resolved width/depth/mlp_dim/num_heads/patch_size; ValueError on bad config."""
+    sizes = decode_variant(self.variant)
+    for key in ("width", "depth", "mlp_dim", "num_heads", "patch_size"):
+      if getattr(self, key) is not None:
+        sizes[key] = getattr(self, key)
+    missing = [k for k in ("width", "depth", "mlp_dim", "num_heads", "patch_size")
+               if k not in sizes]
+    if missing:
+      raise ValueError(
+          f"ViT size not given: set variant (e.g. 'S/16') or all of {', '.join(missing)}")
+    patch = sizes["patch_size"]
+    sizes["patch_size"] = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if sizes["width"] % sizes["num_heads"]:
+      raise ValueError(f"ViT width {sizes['width']} is not divisible by num_heads "
+                       f"{sizes['num_heads']}")
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"unknown pool_type {self.pool_type!r}: expected one of "
+                       f"{', '.join(POOL_TYPES)}")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"unknown posemb {self.posemb!r}: expected one of {', '.join(POSEMBS)}")
+    return sizes
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    sizes = self.sizes()
+    width, dtype = sizes["width"], common.as_dtype(self.dtype)
+    _remat_policy(self.remat_policy)  # Validate even when remat is off.
+    out = {}
+
+    x = nn.Conv(width, sizes["patch_size"], strides=sizes["patch_size"], padding="VALID",
+                dtype=dtype, param_dtype=jnp.float32, name="embedding")(
+                    jnp.asarray(images, dtype))
+    n, h, w, _ = x.shape
+    out["stem"] = x.astype(jnp.float32)
+    x = x.reshape(n, h * w, width)
+
+    if self.posemb == "sincos2d":
+      x = x + posemb_sincos_2d(h, w, width).astype(dtype)
+    if self.pool_type == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+      x = jnp.concatenate([jnp.tile(cls.astype(dtype), [n, 1, 1]), x], axis=1)
+    if self.posemb == "learn":
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
+                       (1, x.shape[1], width), jnp.float32)
+      x = x + pos.astype(dtype)
+    x = nn.Dropout(rate=self.dropout)(x, not train)
+
+    x = Encoder(
+        depth=sizes["depth"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"],
+        dropout=self.dropout, stoch_depth=self.stoch_depth, dtype=dtype, remat=self.remat,
+        remat_policy=self.remat_policy, scan=self.scan, name="Transformer")(
+            x, deterministic=not train)
+    out["encoded"] = x.astype(jnp.float32)
+
+    if self.pool_type == "tok":
+      x = x[:, 0]
+    elif self.pool_type == "gap":
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], dtype=dtype)(x)
+
+    rep_size = width if self.rep_size is True else self.rep_size
+    if rep_size:
+      x = nn.tanh(nn.Dense(rep_size, dtype=dtype, param_dtype=jnp.float32,
+                           name="pre_logits")(x))
+    out["pre_logits"] = x.astype(jnp.float32)
+
+    if self.num_classes:
+      init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32,
+                   kernel_init=init, bias_init=nn.initializers.zeros, name="head")(x)
+    logits = x.astype(jnp.float32)
+    out["logits"] = logits
+    return logits, out

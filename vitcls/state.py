@@ -1,0 +1,29 @@
+"""The training state: everything a resumed run needs, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """`step` counts completed updates; the key of step s is `fold_in(rng, s)`."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def make_init_fn(model, tx, image_shape, seed: int):
+  """Returns init() -> TrainState, pure, to be jitted with the state's shardings."""
+  def init():
+    root = jax.random.PRNGKey(seed)
+    init_key, train_key = jax.random.split(root)
+    dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
+    params = model.init({"params": init_key}, dummy, train=False)["params"]
+    return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                      opt_state=tx.init(params), rng=train_key)
+  return init

@@ -1,0 +1,220 @@
+"""`python -m vitcls.train --config=experiments/NAME.py[:k=v,...] --workdir=DIR`.
+
+The training loop, and the only place with effects: it reads the config, builds the
+pure pieces (model, optimiser, shardings, steps, data stream), restores the latest
+complete checkpoint in the workdir if there is one, then runs
+batch -> step -> metrics -> periodic eval / checkpoint until `total_steps`.
+Running the same command on the same workdir resumes exactly where the last checkpoint
+left off: the data stream and per-step randomness are functions of (seed, step).
+`--config.KEY=VALUE` overrides one field of the experiment's config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitcls import checkpoint, configs, evaluators, models, optim, sharding, state, steps
+from vitcls import writers
+from vitcls.data import pipeline, preprocess, sources
+from vitcls.errors import UserError
+
+_CONFIG = flags.DEFINE_string("config", None, "Experiment file, `path.py[:k=v,...]`.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+
+
+class NonFiniteLossError(UserError):
+  """The loss became NaN or infinite; the run stops without saving that state."""
+
+
+def build_model(config):
+  """The model named by `config.model_name`, built with `config.model`."""
+  return models.build(config.model_name, config.num_classes, config.model)
+
+
+def _first_example_shape(source, pp) -> tuple[int, ...]:
+  return tuple(np.shape(pp(source[0], np.random.default_rng(0))["image"]))
+
+
+def _check_finite(loss, step: int, last_saved: int | None, ckpt_dir: str) -> None:
+  value = float(loss)
+  if not math.isfinite(value):
+    kept = (f"the last good checkpoint (step {last_saved}) is kept in {ckpt_dir}"
+            if last_saved is not None else "no checkpoint had been saved yet")
+    raise NonFiniteLossError(
+        f"loss is {value} at step {step}: stopping; {kept}. Lower config.lr, set "
+        f"config.grad_clip_norm, or check the input pipeline")
+
+
+def train(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) `config` in `workdir`; returns the final eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(configs.to_json(config))
+
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  data_dir = config.input.data_dir or None
+  train_source = sources.get_source(config.input.data.name, config.input.data.split,
+                                    data_dir)
+  pp = preprocess.parse(config.input.pp)
+  total_steps = configs.total_steps(config, len(train_source))
+  if config.input.batch_size % mesh.size:
+    raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
+                              f"divisible by the {mesh.size} devices of the mesh")
+
+  model = build_model(config)
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  init_fn = state.make_init_fn(model, tx, _first_example_shape(train_source, pp),
+                               config.seed)
+  abstract = jax.eval_shape(init_fn)
+  state_shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
+  num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params))
+  logging.info("Model %s: %s parameters; %d steps of %d examples on %d devices.",
+               config.model_name, f"{num_params:,}", total_steps,
+               config.input.batch_size, mesh.size)
+
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                 asynchronous=config.async_checkpoints)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None:
+    logging.info("Resuming from the checkpoint of step %d in %s.", resume_step,
+                 ckpt.directory)
+    abstract_sharded = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        state_shardings)
+    train_state = ckpt.restore(resume_step, abstract_sharded)
+  else:
+    train_state = jax.jit(init_fn, out_shardings=state_shardings)()
+  start = int(train_state.step)
+
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, schedule, config.label_smoothing),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  eval_configs = {n: evaluators.resolve(n, c) for n, c in config.evals.items()}
+  evals = {
+      name: evaluators.get(cfg.type).Evaluator(
+          cfg, model=model, train_config=config, mesh=mesh, batch_sharding=batch_sharding)
+      for name, cfg in eval_configs.items()}
+
+  writer = writers.make_writer(workdir, resume_step)
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every)
+  dataset = pipeline.train_dataset(
+      train_source, pp, global_batch=config.input.batch_size, seed=config.seed,
+      start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  batches = pipeline.iterate(dataset, batch_sharding, num_threads=config.input.num_threads,
+                             prefetch=config.input.prefetch,
+                             device_prefetch=config.input.device_prefetch)
+
+  def run_evals(step: int) -> dict[str, float]:
+    results = {}
+    for name, evaluator in evals.items():
+      for key, value in evaluator.run(train_state.params).items():
+        results[f"{name}/{key}"] = value
+    if results:
+      writer.write_scalars(step, results)
+      logging.info("Eval at step %d: %s", step,
+                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+    return results
+
+  last_saved = resume_step
+  pending = None  # (step, loss) of the previous step, checked one step late.
+  log_time, log_step = time.perf_counter(), start
+  final = {}
+  try:
+    for step in range(start + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        batch = next(batches)
+        train_state, metrics = train_step(train_state, batch)
+      if pending is not None:  # Waits for step-1 only; this step is already queued.
+        _check_finite(pending[1], pending[0], last_saved, ckpt.directory)
+      pending = (step, metrics["loss"])
+      progress(step)
+
+      if step % config.log_every == 0 or step == total_steps:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        img_per_s = (step - log_step) * config.input.batch_size / (now - log_time)
+        log_time, log_step = now, step
+        writer.write_scalars(step, {**metrics, "img_per_sec": img_per_s,
+                                    "examples_seen": step * config.input.batch_size})
+      if any(step % c.every == 0 or step == total_steps for c in eval_configs.values()):
+        final = run_evals(step)
+      if step % config.checkpoint_every == 0 or step == total_steps:
+        _check_finite(pending[1], step, last_saved, ckpt.directory)
+        ckpt.save(step, train_state)
+        last_saved = step
+    if start >= total_steps:
+      logging.info("Nothing to do: the workdir already holds step %d of %d.", start,
+                   total_steps)
+      final = run_evals(start)
+  finally:
+    ckpt.close()  # Lets a started save finish, so a good checkpoint is never lost.
+    writer.flush()
+    writer.close()
+  return final
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.KEY=VALUE` arguments from the flags absl parses."""
+  overrides, rest = [], []
+  for arg in argv:
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return overrides, rest
+
+
+_OVERRIDES: list[str] = []
+
+
+class _QuietLibraries:
+  """Drops INFO logs of orbax and grain, which report every file they touch."""
+  _NOISY = ("/orbax/", "/grain/")
+
+  def filter(self, record) -> bool:
+    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+
+
+def _parse_flags(argv):
+  overrides, rest = _split_config_overrides(argv)
+  _OVERRIDES[:] = overrides
+  return flags.FLAGS(rest)
+
+
+def main(argv) -> None:
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  try:
+    if not _CONFIG.value or not _WORKDIR.value:
+      raise UserError("both --config=experiments/NAME.py and --workdir=DIR are required")
+    config = configs.resolve(configs.load_experiment(_CONFIG.value), _OVERRIDES)
+    final = train(config, _WORKDIR.value)
+  except UserError as e:
+    print(f"vitcls: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if final:
+    print("Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
+
+
+def run() -> None:
+  """Entry point shared by `python -m vitcls.train` and `vitcls train`."""
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()
