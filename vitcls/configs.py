@@ -127,16 +127,16 @@ def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
   return merged
 
 
-def _suggest(key: str, known) -> str:
+def _suggest(key: str, known, prefix: str = "") -> str:
   close = difflib.get_close_matches(key, list(known), n=1)
-  return f" (did you mean '{close[0]}'?)" if close else ""
+  return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
 
 
 def _merge(base: ConfigDict, new: ConfigDict, prefix: str) -> None:
   for key, value in new.items():
     path = prefix + key
     if key not in base:
-      raise ConfigError(f"unknown config key '{path}'{_suggest(key, base.keys())}: "
+      raise ConfigError(f"unknown config key '{path}'{_suggest(key, base.keys(), prefix)}: "
                         f"see vitcls.configs.defaults() for the known keys")
     if path in FREE_FORM:
       base[key] = ConfigDict(value.to_dict() if isinstance(value, ConfigDict) else value)
@@ -160,7 +160,7 @@ def set_value(config: ConfigDict, dotted_key: str, text: str) -> None:
     if part not in node:
       if not (free and prefix):  # New keys only inside free-form subtrees.
         raise ConfigError(f"unknown config key '{dotted_key}'"
-                          f"{_suggest(part, node.keys())}: check the spelling, or see "
+                          f"{_suggest(part, node.keys(), prefix)}: check the spelling, or see "
                           f"vitcls.configs.defaults() for the known keys")
       with node.unlocked():
         node[part] = _literal(text) if last else ConfigDict()

@@ -258,6 +258,12 @@ class Model(nn.Module):
       raise ValueError(f"unknown posemb {self.posemb!r}: expected one of {', '.join(POSEMBS)}")
     return sizes
 
+  def validate(self) -> None:
+    """Checks every field before anything is traced; ValueError names the bad one."""
+    self.sizes()
+    common.as_dtype(self.dtype)
+    _remat_policy(self.remat_policy)
+
   @nn.compact
   def __call__(self, images, train: bool = False):
     sizes = self.sizes()

@@ -1,0 +1,49 @@
+"""Shared fixtures: one TFDS data dir per session, and a helper to run the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_EXPERIMENT = os.path.join(REPO, "experiments", "mnist5k_vit.py")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tfds_data_dir(tmp_path_factory):
+  """Embedded datasets are built once per session into a fresh TFDS data dir."""
+  path = str(tmp_path_factory.mktemp("tfds"))
+  old = os.environ.get("TFDS_DATA_DIR")
+  os.environ["TFDS_DATA_DIR"] = path
+  yield path
+  if old is None:
+    os.environ.pop("TFDS_DATA_DIR", None)
+  else:
+    os.environ["TFDS_DATA_DIR"] = old
+
+
+def train_command(workdir, *overrides, config=DEFAULT_EXPERIMENT + ":runlocal=True"):
+  return [sys.executable, "-m", "vitcls.train", f"--config={config}",
+          f"--workdir={workdir}", *overrides]
+
+
+def run_train(workdir, *overrides, devices=1, check=True, **kw):
+  """Runs `python -m vitcls.train` in a subprocess with `devices` fake CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run(train_command(workdir, *overrides, **kw), env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def losses(workdir):
+  return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}

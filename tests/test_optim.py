@@ -1,0 +1,111 @@
+"""Schedules, weight-decay masks, clipping and optimiser choice against closed forms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vitcls import configs, optim
+
+
+def _config(**fields):
+  c = configs.resolve(configs.ConfigDict())
+  c.unlock()
+  for key, value in fields.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_warmup_then_cosine_matches_the_closed_form():
+  c = _config(lr=0.1, **{"schedule.warmup_steps": 10, "schedule.decay_type": "cosine",
+                         "schedule.end_factor": 0.01})
+  sched = optim.make_schedule(c, total_steps=110)
+  for step in [0, 5, 10]:
+    np.testing.assert_allclose(sched(step), 0.1 * step / 10, rtol=1e-6)
+  for step in [10, 35, 60, 110]:
+    t = (step - 10) / 100
+    expected = 0.1 * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * t)))
+    np.testing.assert_allclose(sched(step), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decay, expected", [
+    ("linear", lambda s: 0.2 * (1 - (s - 4) / 16)),
+    ("rsqrt", lambda s: 0.2 / np.sqrt(1 + (s - 4) / 8)),
+    ("constant", lambda s: 0.2),
+])
+def test_linear_rsqrt_constant_decays(decay, expected):
+  c = _config(lr=0.2, **{"schedule.warmup_steps": 4, "schedule.decay_type": decay,
+                         "schedule.timescale": 8})
+  sched = optim.make_schedule(c, total_steps=20)
+  for step in [4, 9, 20]:
+    np.testing.assert_allclose(sched(step), expected(step), rtol=1e-5)
+
+
+def test_warmup_percent_and_bad_schedule():
+  c = _config(**{"schedule.warmup_percent": 0.25})
+  assert optim.warmup_steps(c, 40) == 10
+  with pytest.raises(configs.ConfigError, match="unknown schedule.decay_type 'cosin'"):
+    optim.make_schedule(_config(**{"schedule.decay_type": "cosin"}), 10)
+  with pytest.raises(configs.ConfigError, match="warmup .* is longer than the run"):
+    optim.make_schedule(_config(**{"schedule.warmup_steps": 50}), 10)
+
+
+def _params():
+  return {"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))},
+          "LayerNorm_0": {"scale": jnp.ones((2,))}}
+
+
+def test_adamw_decays_only_kernels_decoupled_from_the_gradient():
+  c = _config(lr=0.1, wd=0.5, optax_name="adamw", grad_clip_norm=0.0,
+              **{"schedule.decay_type": "constant"})
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  params = _params()
+  zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  # With zero gradients only decoupled decay moves weights: -lr * wd * p on kernels.
+  np.testing.assert_allclose(updates["Dense_0"]["kernel"], -0.1 * 0.5 * np.ones((2, 2)),
+                             rtol=1e-6)
+  np.testing.assert_allclose(updates["Dense_0"]["bias"], 0.0)
+  np.testing.assert_allclose(updates["LayerNorm_0"]["scale"], 0.0)
+
+
+def test_sgd_momentum_matches_a_numpy_reference():
+  c = _config(lr=0.1, wd=0.01, optax_name="sgd", grad_clip_norm=0.0,
+              optax=configs.ConfigDict({"momentum": 0.9}),
+              **{"schedule.decay_type": "constant"})
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  p = {"w": {"kernel": jnp.array([1.0, -2.0])}}
+  state = tx.init(p)
+  ref_p, ref_m = np.array([1.0, -2.0]), np.zeros(2)
+  for g in [np.array([0.5, 0.1]), np.array([-0.2, 0.3]), np.array([0.1, 0.1])]:
+    updates, state = tx.update({"w": {"kernel": jnp.asarray(g)}}, state, p)
+    p = optax.apply_updates(p, updates)
+    ref_m = 0.9 * ref_m + g
+    ref_p = ref_p - 0.1 * (ref_m + 0.01 * ref_p)
+  np.testing.assert_allclose(p["w"]["kernel"], ref_p, rtol=1e-6)
+
+
+def test_global_norm_clipping_bounds_the_update():
+  c = _config(lr=1.0, wd=0.0, optax_name="sgd", grad_clip_norm=1.0,
+              optax=configs.ConfigDict({"momentum": 0.0}),
+              **{"schedule.decay_type": "constant"})
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  p = {"kernel": jnp.zeros(2)}
+  updates, _ = tx.update({"kernel": jnp.array([3.0, 4.0])}, tx.init(p), p)
+  np.testing.assert_allclose(updates["kernel"], [-0.6, -0.8], rtol=1e-6)
+
+
+def test_adafactor_builds_and_unknown_options_are_errors():
+  tx, _ = optim.make_optimizer(_config(optax_name="adafactor"), total_steps=10)
+  p = _params()
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, p), tx.init(p), p)
+  assert np.isfinite(np.asarray(updates["Dense_0"]["kernel"])).all()
+  with pytest.raises(configs.ConfigError, match="unknown optax_name 'adam'"):
+    optim.make_optimizer(_config(optax_name="adam"), 10)
+  with pytest.raises(configs.ConfigError, match="unknown config key 'optax.beta1'"):
+    optim.make_optimizer(_config(optax=configs.ConfigDict({"beta1": 0.9})), 10)

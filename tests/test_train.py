@@ -1,0 +1,122 @@
+"""End-to-end: the training CLI in real subprocesses, resume after SIGKILL, errors."""
+
+import glob
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, losses, read_metrics, run_train, train_command
+
+
+def _params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "default")
+  return ocp.StandardCheckpointer().restore(os.path.abspath(path))["params"]
+
+
+def _leaves(tree, prefix=""):
+  if isinstance(tree, dict):
+    for k, v in sorted(tree.items()):
+      yield from _leaves(v, f"{prefix}/{k}")
+  else:
+    yield prefix, np.asarray(tree)
+
+
+def test_runlocal_run_writes_the_workdir_contract(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = run_train(workdir)
+  assert "Final eval: test/count=1000.0000" in proc.stdout
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  rows = read_metrics(workdir)
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  for key in ("lr", "grad_norm", "img_per_sec", "examples_seen"):
+    assert all(key in r for r in train_rows)
+  assert [r["examples_seen"] for r in train_rows] == [16 * s for s in range(1, 7)]
+  # lr of step s is the schedule at s-1: warmup 2 steps to 3e-3, then cosine over 4.
+  expected_lr = [0.0, 1.5e-3] + [3e-3 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+  np.testing.assert_allclose([r["lr"] for r in train_rows], expected_lr, rtol=1e-6)
+  evals = [r for r in rows if "test/top1" in r]
+  assert [r["step"] for r in evals] == [3, 6] and all(r["test/count"] == 1000 for r in evals)
+
+  again = run_train(workdir)  # Same command, same workdir: resumes, nothing left to do.
+  assert "Nothing to do" in again.stderr
+  assert len(read_metrics(workdir)) == len(rows) + 1  # Only the final eval again.
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
+  overrides = ["--config.total_steps=120", "--config.checkpoint_every=20",
+               "--config.log_every=10", "--config.evals.test.every=1000"]
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  run_train(straight, *overrides)
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(train_command(killed, *overrides), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(killed, "checkpoints", "20")
+  deadline = time.time() + 300
+  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL  # Killed mid-run, not finished.
+  done = [int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit()]
+  assert done and max(done) < 120
+
+  resumed = run_train(killed, *overrides)
+  assert f"Resuming from the checkpoint of step {max(done)}" in resumed.stderr
+  a, b = dict(_leaves(_params(straight, 120))), dict(_leaves(_params(killed, 120)))
+  assert a.keys() == b.keys()
+  for name in a:
+    assert a[name].tobytes() == b[name].tobytes(), f"{name} differs after resume"
+  assert losses(straight) == losses(killed)  # The logged curve too, step for step.
+
+
+def test_data_parallel_over_8_devices_matches_1_device(tmp_path):
+  one = run_train(str(tmp_path / "one"), devices=1)
+  dp = run_train(str(tmp_path / "dp"), devices=8)
+  fsdp = run_train(str(tmp_path / "fsdp"), "--config.mesh=[('data', 2), ('fsdp', 4)]",
+                   "--config.sharding_rules=[('.*', 'fsdp')]", devices=8)
+  assert "on 1 devices" in one.stderr
+  assert "on 8 devices" in dp.stderr and "on 8 devices" in fsdp.stderr
+  reference = losses(str(tmp_path / "one"))
+  assert len(reference) == 6
+  for run in ("dp", "fsdp"):
+    curve = losses(str(tmp_path / run))
+    assert curve.keys() == reference.keys()
+    np.testing.assert_allclose([curve[s] for s in sorted(curve)],
+                               [reference[s] for s in sorted(reference)],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.lrr=0.1", "unknown config key 'lrr' (did you mean 'lr'?)"),
+    ("--config.model.variant=X/16", "unknown ViT variant 'X/16'"),
+    ("--config.input.pp=random_shift(2)|sharpen(3)", "unknown pp op 'sharpen'"),
+    ("--config.input.data.name=imagenet_v9", "dataset 'imagenet_v9' is unknown to TFDS"),
+])
+def test_user_mistakes_give_one_clear_error_line(tmp_path, override, message):
+  proc = run_train(str(tmp_path / "bad"), override, check=False)
+  assert proc.returncode == 2
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / "nan")
+  proc = run_train(workdir, "--config.lr=1e30", "--config.grad_clip_norm=0",
+                   "--config.checkpoint_every=2", "--config.evals.test.every=1000",
+                   check=False)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert "loss is nan at step 3" in errors[0] or "loss is inf at step 3" in errors[0]
+  assert "the last good checkpoint (step 2) is kept" in errors[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  params = dict(_leaves(_params(workdir, 2)))
+  assert all(np.isfinite(v).all() for v in params.values())
