@@ -1,9 +1,11 @@
 """A small ViT on mnist5k (4,000 train / 1,000 test MNIST digits), sized for a laptop CPU.
 
 This is `make train`. Where its numbers come from: a 4-block, width-128, patch-7 ViT with
-AdamW (lr 3e-3, linear warmup then cosine), label smoothing 0.1, batch 128 and random
-2-pixel shifts reached 98.3% test top-1 after 2,000 steps (333 s on 2 CPU cores) when
-this recipe was first tried; the skeleton's acceptance bar is 97%.
+AdamW (lr 3e-3, 100 warmup steps then cosine), label smoothing 0.1, batch 128 and random
+2-pixel shifts, measured in vitcls on 2 CPU cores: with weight decay 1e-4 and no
+stochastic depth it fits the 4,000 training digits completely and reaches 97.0% test
+top-1 after 2,000 steps; weight decay 0.05 and stochastic depth 0.1 (below) reach 97.8%
+in 4 min 42 s. The acceptance bar of this default run is 97%.
 
 Arguments (`--config=experiments/mnist5k_vit.py:steps=500,runlocal=True`):
   steps: training steps.
@@ -28,12 +30,12 @@ def get_config(arg=None):
   c.num_classes = 10
   c.model = configs.ConfigDict(dict(
       width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=7,
-      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.0))
+      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.1))
 
   c.optax_name = "adamw"
   c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
   c.lr = 3e-3
-  c.wd = 1e-4
+  c.wd = 0.05
   c.grad_clip_norm = 1.0
   c.label_smoothing = 0.1
   c.schedule.decay_type = "cosine"

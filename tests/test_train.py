@@ -4,6 +4,7 @@ import glob
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -120,3 +121,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   params = dict(_leaves(_params(workdir, 2)))
   assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_resuming_with_an_incompatible_config_is_a_clear_error(tmp_path):
+  workdir = str(tmp_path / "run")
+  run_train(workdir, "--config.total_steps=3", "--config.evals.test.every=1000")
+  proc = run_train(workdir, "--config.model.depth=2", "--config.total_steps=6",
+                   check=False)
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert "the checkpoint of step 3" in errors[0] and "does not fit this config" in errors[0]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]  # Untouched.
+
+
+def test_console_script_dispatches_to_the_trainer(tmp_path):
+  script = os.path.join(os.path.dirname(sys.executable), "vitcls")
+  proc = subprocess.run([script, "train", *train_command(str(tmp_path), "--config.lrr=1")[3:]],
+                        capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode == 2
+  assert "vitcls: error: unknown config key 'lrr'" in proc.stderr
+  usage = subprocess.run([script, "trian"], capture_output=True, text=True, timeout=60)
+  assert usage.returncode == 2 and "expected a command (train)" in usage.stderr

@@ -16,6 +16,8 @@ import os
 import sys
 import time
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow only builds datasets here.
+
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
@@ -91,7 +93,12 @@ def train(config, workdir: str) -> dict[str, float]:
     abstract_sharded = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
         state_shardings)
-    train_state = ckpt.restore(resume_step, abstract_sharded)
+    try:
+      train_state = ckpt.restore(resume_step, abstract_sharded)
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f"the checkpoint of step {resume_step} in {ckpt.directory} does not "
+                      f"fit this config (model or optimiser changed?): use a new --workdir "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
   else:
     train_state = jax.jit(init_fn, out_shardings=state_shardings)()
   start = int(train_state.step)
@@ -155,6 +162,7 @@ def train(config, workdir: str) -> dict[str, float]:
         final = run_evals(step)
       if step % config.checkpoint_every == 0 or step == total_steps:
         _check_finite(pending[1], step, last_saved, ckpt.directory)
+        writer.flush()  # Metrics up to a checkpoint survive a kill right after it.
         ckpt.save(step, train_state)
         last_saved = step
     if start >= total_steps:

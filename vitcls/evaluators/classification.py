@@ -30,8 +30,10 @@ class Evaluator:
   def __init__(self, config, *, model, train_config, mesh, batch_sharding):
     name = config.data or train_config.input.data.name
     self.source = sources.get_source(name, config.split, train_config.input.data_dir or None)
+    # Rounded up to a multiple of the devices; the extra rows are masked padding.
+    global_batch = -(-config.batch_size // mesh.size) * mesh.size
     self.dataset = pipeline.eval_dataset(
-        self.source, preprocess.parse(config.pp), global_batch=config.batch_size,
+        self.source, preprocess.parse(config.pp), global_batch=global_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.batch_sharding = batch_sharding
     self.input = train_config.input
