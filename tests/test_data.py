@@ -1,6 +1,5 @@
 """Embedded datasets, sources, preprocessing ops and the grain pipeline."""
 
-import os
 import subprocess
 import sys
 import textwrap

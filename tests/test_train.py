@@ -3,10 +3,12 @@
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -15,8 +17,15 @@ from conftest import REPO, losses, read_metrics, run_train, train_command
 
 
 def _params(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "default")
-  return ocp.StandardCheckpointer().restore(os.path.abspath(path))["params"]
+  """The params of a checkpoint, onto this process's one device whatever it was saved on."""
+  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "default"))
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  return checkpointer.restore(path, target)["params"]
 
 
 def _leaves(tree, prefix=""):
@@ -142,3 +151,31 @@ def test_console_script_dispatches_to_the_trainer(tmp_path):
   assert "vitcls: error: unknown config key 'lrr'" in proc.stderr
   usage = subprocess.run([script, "trian"], capture_output=True, text=True, timeout=60)
   assert usage.returncode == 2 and "expected a command (train)" in usage.stderr
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
+  """Multi-host: 2 processes x 2 devices, each feeding its half of every batch."""
+  reference = str(tmp_path / "one")
+  run_train(reference, devices=4)
+  workdir = str(tmp_path / "two")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      train_command(workdir, f"--coordinator=localhost:{port}", "--num_processes=2",
+                    f"--process_id={i}"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert "on 4 devices" in outputs[0][1]
+  a, b = losses(reference), losses(workdir)
+  assert a.keys() == b.keys() and len(a) == 6
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)],
+                             rtol=1e-5, atol=1e-6)
+  for w in (reference, workdir):
+    assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["3", "6"]
+  one, two = dict(_leaves(_params(reference, 6))), dict(_leaves(_params(workdir, 6)))
+  for name in one:  # atol: attention key biases get only rounding-noise gradients.
+    np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)

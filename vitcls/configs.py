@@ -127,6 +127,17 @@ def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
   return merged
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.KEY=VALUE` arguments (returned as `KEY=VALUE`) from the rest."""
+  overrides, rest = [], []
+  for arg in argv:
+    if arg.startswith("--config."):
+      overrides.append(arg[len("--config."):])
+    else:
+      rest.append(arg)
+  return overrides, rest
+
+
 def _suggest(key: str, known, prefix: str = "") -> str:
   close = difflib.get_close_matches(key, list(known), n=1)
   return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

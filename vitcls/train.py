@@ -19,30 +19,25 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow only builds datasets here.
 
 from absl import app, flags, logging
+from clu import periodic_actions
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from vitcls import checkpoint, configs, evaluators, models, optim, sharding, state, steps
-from vitcls import writers
-from vitcls.data import pipeline, preprocess, sources
+from vitcls import build, checkpoint, configs, evaluators, writers
 from vitcls.errors import UserError
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment file, `path.py[:k=v,...]`.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (cluster auto-detection: "
+    "TPU pods, SLURM, ...); implied by --coordinator.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, for "
+                                   "clusters without auto-detection.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
 
 
 class NonFiniteLossError(UserError):
   """The loss became NaN or infinite; the run stops without saving that state."""
-
-
-def build_model(config):
-  """The model named by `config.model_name`, built with `config.model`."""
-  return models.build(config.model_name, config.num_classes, config.model)
-
-
-def _first_example_shape(source, pp) -> tuple[int, ...]:
-  return tuple(np.shape(pp(source[0], np.random.default_rng(0))["image"]))
 
 
 def _check_finite(loss, step: int, last_saved: int | None, ckpt_dir: str) -> None:
@@ -62,27 +57,11 @@ def train(config, workdir: str) -> dict[str, float]:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(configs.to_json(config))
 
-  mesh = sharding.make_mesh(config.mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  data_dir = config.input.data_dir or None
-  train_source = sources.get_source(config.input.data.name, config.input.data.split,
-                                    data_dir)
-  pp = preprocess.parse(config.input.pp)
-  total_steps = configs.total_steps(config, len(train_source))
-  if config.input.batch_size % mesh.size:
-    raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
-                              f"divisible by the {mesh.size} devices of the mesh")
-
-  model = build_model(config)
-  tx, schedule = optim.make_optimizer(config, total_steps)
-  init_fn = state.make_init_fn(model, tx, _first_example_shape(train_source, pp),
-                               config.seed)
-  abstract = jax.eval_shape(init_fn)
-  state_shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
-  num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract.params))
+  run = build.build(config)
+  total_steps = run.total_steps
   logging.info("Model %s: %s parameters; %d steps of %d examples on %d devices.",
-               config.model_name, f"{num_params:,}", total_steps,
-               config.input.batch_size, mesh.size)
+               config.model_name, f"{run.num_params:,}", total_steps,
+               config.input.batch_size, run.mesh.size)
 
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                  asynchronous=config.async_checkpoints)
@@ -90,41 +69,27 @@ def train(config, workdir: str) -> dict[str, float]:
   if resume_step is not None:
     logging.info("Resuming from the checkpoint of step %d in %s.", resume_step,
                  ckpt.directory)
-    abstract_sharded = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-        state_shardings)
     try:
-      train_state = ckpt.restore(resume_step, abstract_sharded)
+      train_state = ckpt.restore(resume_step, run.abstract_state)
     except (ValueError, KeyError, TypeError) as e:
       raise UserError(f"the checkpoint of step {resume_step} in {ckpt.directory} does not "
                       f"fit this config (model or optimiser changed?): use a new --workdir "
                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
   else:
-    train_state = jax.jit(init_fn, out_shardings=state_shardings)()
+    train_state = run.init_state()
   start = int(train_state.step)
 
-  train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, config.label_smoothing),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
   eval_configs = {n: evaluators.resolve(n, c) for n, c in config.evals.items()}
   evals = {
       name: evaluators.get(cfg.type).Evaluator(
-          cfg, model=model, train_config=config, mesh=mesh, batch_sharding=batch_sharding)
+          cfg, model=run.model, train_config=config, mesh=run.mesh,
+          batch_sharding=run.batch_sharding)
       for name, cfg in eval_configs.items()}
 
   writer = writers.make_writer(workdir, resume_step)
-  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every)
-  dataset = pipeline.train_dataset(
-      train_source, pp, global_batch=config.input.batch_size, seed=config.seed,
-      start_step=start, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  batches = pipeline.iterate(dataset, batch_sharding, num_threads=config.input.num_threads,
-                             prefetch=config.input.prefetch,
-                             device_prefetch=config.input.device_prefetch)
+  batches = run.batches(start)
 
   def run_evals(step: int) -> dict[str, float]:
     results = {}
@@ -145,7 +110,7 @@ def train(config, workdir: str) -> dict[str, float]:
     for step in range(start + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         batch = next(batches)
-        train_state, metrics = train_step(train_state, batch)
+        train_state, metrics = run.train_step(train_state, batch)
       if pending is not None:  # Waits for step-1 only; this step is already queued.
         _check_finite(pending[1], pending[0], last_saved, ckpt.directory)
       pending = (step, metrics["loss"])
@@ -176,17 +141,6 @@ def train(config, workdir: str) -> dict[str, float]:
   return final
 
 
-def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-  """Separates `--config.KEY=VALUE` arguments from the flags absl parses."""
-  overrides, rest = [], []
-  for arg in argv:
-    if arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
-    else:
-      rest.append(arg)
-  return overrides, rest
-
-
 _OVERRIDES: list[str] = []
 
 
@@ -199,7 +153,7 @@ class _QuietLibraries:
 
 
 def _parse_flags(argv):
-  overrides, rest = _split_config_overrides(argv)
+  overrides, rest = configs.split_overrides(argv)
   _OVERRIDES[:] = overrides
   return flags.FLAGS(rest)
 
@@ -211,6 +165,11 @@ def main(argv) -> None:
     if not _CONFIG.value or not _WORKDIR.value:
       raise UserError("both --config=experiments/NAME.py and --workdir=DIR are required")
     config = configs.resolve(configs.load_experiment(_CONFIG.value), _OVERRIDES)
+    if _COORDINATOR.value:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                 _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+      jax.distributed.initialize()
     final = train(config, _WORKDIR.value)
   except UserError as e:
     print(f"vitcls: error: {e}", file=sys.stderr)

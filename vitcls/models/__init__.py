@@ -38,7 +38,7 @@ def get(name: str):
   return module.Model
 
 
-def build(name: str, num_classes: int, config) -> "flax.linen.Module":
+def build(name: str, num_classes: int, config):
   """`get(name)(num_classes=..., **config)`, with unknown fields reported as one error."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from vitcls.configs import ConfigError  # pylint: disable=g-import-not-at-top

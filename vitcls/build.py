@@ -1,0 +1,83 @@
+"""Builds the pure pieces of a run from a resolved config, with no effects.
+
+`build(config)` gives the mesh, data stream, model, optimiser, state shardings and the
+compiled train step: what `vitcls.train` loops over and what `benchmarks/` measure, so
+both run the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from vitcls import configs, models, optim, sharding, state, steps
+from vitcls.data import pipeline, preprocess, sources
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training loop needs besides files, clocks and logs."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  batch_sharding: jax.sharding.NamedSharding
+  source: Any
+  pp: preprocess.Preprocess
+  total_steps: int
+  model: Any
+  schedule: Callable[[int], Any]
+  init_fn: Callable[[], state.TrainState]
+  abstract_state: state.TrainState  # ShapeDtypeStructs carrying the state shardings.
+  train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated.
+
+  @property
+  def num_params(self) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
+        self.abstract_state.params))
+
+  def init_state(self) -> state.TrainState:
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
+    return jax.jit(self.init_fn, out_shardings=shardings)()
+
+  def batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
+    """Global batches of steps start_step+1, start_step+2, ... (see data.pipeline)."""
+    c = self.config
+    dataset = pipeline.train_dataset(
+        self.source, self.pp, global_batch=c.input.batch_size, seed=c.seed,
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
+                            prefetch=c.input.prefetch,
+                            device_prefetch=c.input.device_prefetch)
+
+
+def build(config) -> Run:
+  """Validates what the config names (data, pp, model, optimiser, mesh) and builds it."""
+  mesh = sharding.make_mesh(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  source = sources.get_source(config.input.data.name, config.input.data.split,
+                              config.input.data_dir or None)
+  pp = preprocess.parse(config.input.pp)
+  total_steps = configs.total_steps(config, len(source))
+  if config.input.batch_size % mesh.size:
+    raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
+                              f"divisible by the {mesh.size} devices of the mesh")
+  model = models.build(config.model_name, config.num_classes, config.model)
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
+  init_fn = state.make_init_fn(model, tx, image_shape, config.seed)
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, schedule, config.label_smoothing),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0)
+  return Run(config=config, mesh=mesh, batch_sharding=batch_sharding, source=source, pp=pp,
+             total_steps=total_steps, model=model, schedule=schedule, init_fn=init_fn,
+             abstract_state=abstract, train_step=train_step)
