@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from clu import periodic_actions
 import jax
 
-from vitcls import build, checkpoint, configs, evaluators, writers
+from vitcls import build, checkpoint, configs, evaluators, report, writers
 from vitcls.errors import UserError
 
 _CONFIG = flags.DEFINE_string("config", None, "Experiment file, `path.py[:k=v,...]`.")
@@ -138,6 +138,8 @@ def train(config, workdir: str) -> dict[str, float]:
     ckpt.close()  # Lets a started save finish, so a good checkpoint is never lost.
     writer.flush()
     writer.close()
+  if jax.process_index() == 0:
+    logging.info("Report: %s", report.write(workdir, config))
   return final
 
 
