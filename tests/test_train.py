@@ -60,27 +60,36 @@ def test_runlocal_run_writes_the_workdir_contract(tmp_path):
   assert len(read_metrics(workdir)) == len(rows) + 1  # Only the final eval again.
 
 
-def test_sigkill_mid_run_then_resume_is_bitwise_equal(tmp_path):
-  overrides = ["--config.total_steps=120", "--config.checkpoint_every=20",
+def _kill_during_a_save(workdir, overrides):
+  """Starts training and SIGKILLs it while a checkpoint after the first is being written."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.Popen(train_command(workdir, *overrides), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  directory = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    if any(n.isdigit() for n in names) and any("tmp" in n for n in names):
+      break
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL  # Killed mid-run, not finished.
+  return os.listdir(directory)
+
+
+def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path):
+  overrides = ["--config.total_steps=200", "--config.checkpoint_every=20",
                "--config.log_every=10", "--config.evals.test.every=1000"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   run_train(straight, *overrides)
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen(train_command(killed, *overrides), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  first = os.path.join(killed, "checkpoints", "20")
-  deadline = time.time() + 300
-  while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL  # Killed mid-run, not finished.
-  done = [int(d) for d in os.listdir(os.path.join(killed, "checkpoints")) if d.isdigit()]
-  assert done and max(done) < 120
-
-  resumed = run_train(killed, *overrides)
+  left = _kill_during_a_save(killed, overrides)
+  done = [int(n) for n in left if n.isdigit()]
+  assert any("tmp" in n for n in left)  # A half-written checkpoint was left behind...
+  resumed = run_train(killed, *overrides)  # ...and the last complete one is used.
   assert f"Resuming from the checkpoint of step {max(done)}" in resumed.stderr
-  a, b = dict(_leaves(_params(straight, 120))), dict(_leaves(_params(killed, 120)))
+  assert max(done) < 200
+  a, b = dict(_leaves(_params(straight, 200))), dict(_leaves(_params(killed, 200)))
   assert a.keys() == b.keys()
   for name in a:
     assert a[name].tobytes() == b[name].tobytes(), f"{name} differs after resume"
