@@ -223,3 +223,19 @@ def test_iterate_yields_global_arrays_equal_to_the_dataset():
     batch = next(it)
     assert isinstance(batch["image"], jax.Array) and batch["image"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(batch["image"]), ds[k]["image"])
+
+
+def test_worker_processes_deliver_the_same_batches_in_the_same_order():
+  from absl import flags
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, as under the CLI.
+    flags.FLAGS.mark_as_parsed()
+  source = sources.get_source("mnist5k", "train")
+  pp = preprocess.parse("random_shift(2)|value_range(-1,1)|onehot(10)")
+  ds = pipeline.train_dataset(source, pp, global_batch=32, seed=0, start_step=3)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  threads = pipeline.iterate(ds, sharding, num_workers=0)
+  workers = pipeline.iterate(ds, sharding, num_workers=2)
+  for _ in range(6):
+    a, b = next(threads), next(workers)
+    np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    np.testing.assert_array_equal(np.asarray(a["labels"]), np.asarray(b["labels"]))

@@ -50,7 +50,7 @@ class Run:
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
     return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
-                            prefetch=c.input.prefetch,
+                            prefetch=c.input.prefetch, num_workers=c.input.num_workers,
                             device_prefetch=c.input.device_prefetch)
 
 

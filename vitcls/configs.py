@@ -49,6 +49,7 @@ def defaults() -> ConfigDict:
   c.input.batch_size = 128  # Global batch, split over processes and devices.
   c.input.num_threads = 4  # Host threads running preprocessing.
   c.input.prefetch = 4  # Batches prepared ahead on the host.
+  c.input.num_workers = 0  # Worker processes for preprocessing; 0 = threads only.
   c.input.device_prefetch = 2  # Batches already on device ahead of the step.
 
   # Durations: total_steps wins over total_examples, which wins over total_epochs.
