@@ -36,9 +36,6 @@ class Checkpointer:
         abstract_state)
     return self._manager.restore(step, args=ocp.args.StandardRestore(target))
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
