@@ -73,10 +73,5 @@ def main(argv):
       json.dump(results, f, indent=2)
 
 
-def _parse(argv):
-  _OVERRIDES[:], rest = configs.split_overrides(argv)
-  return flags.FLAGS(rest)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  app.run(main, flags_parser=configs.flags_parser(_OVERRIDES))

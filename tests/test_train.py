@@ -188,3 +188,16 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
   one, two = dict(_leaves(_params(reference, 6))), dict(_leaves(_params(workdir, 6)))
   for name in one:  # atol: attention key biases get only rounding-noise gradients.
     np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_each_eval_runs_on_its_own_schedule(tmp_path):
+  from vitcls import configs, train
+  config = configs.resolve(
+      configs.load_experiment(os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")),
+      ["total_steps=6", "evals.test.every=2", "evals.train.split=train",
+       "evals.train.every=5"])
+  final = train.train(config, str(tmp_path))
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows if "test/top1" in r] == [2, 4, 6]
+  assert [r["step"] for r in rows if "train/top1" in r] == [5, 6]  # 6: the end of the run.
+  assert final["train/count"] == 1438 and final["test/count"] == 359

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -30,11 +29,8 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.StandardSave(state))
 
   def restore(self, step: int, abstract_state):
-    """Restores `step` onto the shapes, dtypes and shardings of `abstract_state`."""
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-        abstract_state)
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    """Restores `step` onto `abstract_state`: ShapeDtypeStructs carrying shardings."""
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -139,6 +139,16 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
+def flags_parser(overrides: list[str]):
+  """An absl `flags_parser` that moves `--config.KEY=VALUE` arguments into `overrides`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    overrides[:], rest = split_overrides(argv)
+    return flags.FLAGS(rest)
+  return parse
+
+
 def _suggest(key: str, known, prefix: str = "") -> str:
   close = difflib.get_close_matches(key, list(known), n=1)
   return f" (did you mean '{prefix}{close[0]}'?)" if close else ""

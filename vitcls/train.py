@@ -91,10 +91,10 @@ def train(config, workdir: str) -> dict[str, float]:
                                              every_steps=config.log_every)
   batches = run.batches(start)
 
-  def run_evals(step: int) -> dict[str, float]:
+  def run_evals(step: int, names) -> dict[str, float]:
     results = {}
-    for name, evaluator in evals.items():
-      for key, value in evaluator.run(train_state.params).items():
+    for name in names:
+      for key, value in evals[name].run(train_state.params).items():
         results[f"{name}/{key}"] = value
     if results:
       writer.write_scalars(step, results)
@@ -123,8 +123,8 @@ def train(config, workdir: str) -> dict[str, float]:
         log_time, log_step = now, step
         writer.write_scalars(step, {**metrics, "img_per_sec": img_per_s,
                                     "examples_seen": step * config.input.batch_size})
-      if any(step % c.every == 0 or step == total_steps for c in eval_configs.values()):
-        final = run_evals(step)
+      due = [n for n, c in eval_configs.items() if step % c.every == 0 or step == total_steps]
+      final.update(run_evals(step, due))
       if step % config.checkpoint_every == 0 or step == total_steps:
         _check_finite(pending[1], step, last_saved, ckpt.directory)
         writer.flush()  # Metrics up to a checkpoint survive a kill right after it.
@@ -133,7 +133,7 @@ def train(config, workdir: str) -> dict[str, float]:
     if start >= total_steps:
       logging.info("Nothing to do: the workdir already holds step %d of %d.", start,
                    total_steps)
-      final = run_evals(start)
+      final = run_evals(start, evals)
   finally:
     ckpt.close()  # Lets a started save finish, so a good checkpoint is never lost.
     writer.flush()
@@ -152,12 +152,6 @@ class _QuietLibraries:
 
   def filter(self, record) -> bool:
     return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
-
-
-def _parse_flags(argv):
-  overrides, rest = configs.split_overrides(argv)
-  _OVERRIDES[:] = overrides
-  return flags.FLAGS(rest)
 
 
 def main(argv) -> None:
@@ -182,7 +176,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point shared by `python -m vitcls.train` and `vitcls train`."""
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=configs.flags_parser(_OVERRIDES))
 
 
 if __name__ == "__main__":
