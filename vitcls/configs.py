@@ -40,7 +40,9 @@ def defaults() -> ConfigDict:
   c.model_name = "vit"
   c.num_classes = 10
   c.model = ConfigDict()
-  c.model_init = ""  # Reserved for checkpoint import (npz or workdir); empty = fresh init.
+  c.model_init = ""  # Checkpoint to start from: an .npz file or a vitcls workdir.
+  c.model_load = ConfigDict()
+  c.model_load.dont_load = []  # Regexes of params kept from the fresh init (e.g. 'head/.*').
 
   c.input = ConfigDict()
   c.input.data = ConfigDict({"name": "mnist5k", "split": "train"})
@@ -255,6 +257,16 @@ def total_steps(config: ConfigDict, num_train_examples: int) -> int:
   if steps <= 0:
     raise ConfigError(f"training length must be positive, got {steps} steps")
   return int(steps)
+
+
+def load_workdir_config(workdir: str) -> ConfigDict:
+  """The resolved config a run saved in `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ConfigError(f"'{workdir}' is not a vitcls workdir (no config.json): pass the "
+                      f"--workdir of a training run")
+  with open(path) as f:
+    return resolve(ConfigDict(json.load(f)))
 
 
 def to_json(config: ConfigDict) -> str:

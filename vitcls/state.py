@@ -18,12 +18,18 @@ class TrainState:
 
 
 def make_init_fn(model, tx, image_shape, seed: int):
-  """Returns init() -> TrainState, pure, to be jitted with the state's shardings."""
-  def init():
+  """Returns init(params=None) -> TrainState, pure, to be jitted with the state's shardings.
+
+  With `params` (e.g. imported from a checkpoint) the state starts from them; without,
+  from the model's own init. The keys are split the same way either way, so a run's
+  training randomness does not depend on where its parameters came from.
+  """
+  def init(params=None):
     root = jax.random.PRNGKey(seed)
     init_key, train_key = jax.random.split(root)
-    dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
-    params = model.init({"params": init_key}, dummy, train=False)["params"]
+    if params is None:
+      dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
+      params = model.init({"params": init_key}, dummy, train=False)["params"]
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                       opt_state=tx.init(params), rng=train_key)
   return init

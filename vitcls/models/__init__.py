@@ -58,3 +58,12 @@ def build(name: str, num_classes: int, config):
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
   return model
+
+
+def load(name: str, init_params, path: str, model_config, dont_load=()) -> dict:
+  """`vitcls.models.<name>.load(...)`: `init_params` overwritten from the checkpoint `path`."""
+  module = importlib.import_module(f"{__name__}.{name}")
+  if not hasattr(module, "load"):
+    from vitcls.configs import ConfigError  # pylint: disable=g-import-not-at-top
+    raise ConfigError(f"config.model_init: model '{name}' cannot import checkpoints")
+  return module.load(init_params, path, model_config, tuple(dont_load))

@@ -12,14 +12,16 @@ LayerNorm, the cls token first when pool_type="tok") and "pre_logits" (what the 
 Logits and aux features are float32 whatever `dtype` computes in.
 """
 
+import math
 from typing import Any, Optional, Sequence, Union
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitcls.models import common
+from vitcls.models import common, loading
 
 # name: (width, depth, mlp_dim, num_heads)
 VARIANTS = {
@@ -207,8 +209,9 @@ class Model(nn.Module):
 
   pool_type: "gap" (mean of tokens), "tok" (learned cls token at position 0, head reads
     token 0) or "map" (attention pooling with a learned probe).
-  posemb: "learn" (param `pos_embedding`, covering the cls token too with "tok") or
-    "sincos2d" (fixed, no param; the cls token gets no position embedding).
+  posemb: "learn" (param `pos_embedding` of the h*w patches) or "sincos2d" (fixed, no
+    param). Either is added before the cls token is prepended, as in big_vision: the
+    original N+1 layout of vision_transformer checkpoints is folded into `cls` on load.
   rep_size: int adds Dense(rep_size)+tanh ("pre_logits") before the head; True = width.
   dropout: after the position embedding and in every block (attention output, MLP).
   stoch_depth: drop-path on each residual branch, per example, rate linear in depth from 0
@@ -280,13 +283,13 @@ class Model(nn.Module):
 
     if self.posemb == "sincos2d":
       x = x + posemb_sincos_2d(h, w, width).astype(dtype)
-    if self.pool_type == "tok":
+    else:
+      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
+                       (1, h * w, width), jnp.float32)
+      x = x + pos.astype(dtype)
+    if self.pool_type == "tok":  # After the posemb, as big_vision: cls has no posemb.
       cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(dtype), [n, 1, 1]), x], axis=1)
-    if self.posemb == "learn":
-      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
-                       (1, x.shape[1], width), jnp.float32)
-      x = x + pos.astype(dtype)
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
     x = Encoder(
@@ -316,3 +319,94 @@ class Model(nn.Module):
     logits = x.astype(jnp.float32)
     out["logits"] = logits
     return logits, out
+
+
+def _to_current_layout(params: dict) -> dict:
+  """Any ViT checkpoint's tree -> the current big_vision / vitcls names.
+
+  vision_transformer's pre-linen names (`MultiHeadDotProductAttention_1`, `MlpBlock_3`,
+  `LayerNorm_2`) are renumbered per module type by flax's own converter; its position
+  embedding moves from `Transformer/posembed_input` (or `Transformer/`) to the top level;
+  and an N+1 embedding whose first entry belongs to the cls token is folded into `cls`
+  (the model adds the cls token after the position embedding, so logits are unchanged).
+  """
+  from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  params = checkpoints.convert_pre_linen(params)
+  params = jax.tree_util.tree_map(np.asarray, dict(params))
+  encoder = dict(params.get("Transformer", {}))
+  inside = encoder.pop("posembed_input", {}).get("pos_embedding")
+  if inside is None:
+    inside = encoder.pop("pos_embedding", None)
+  if encoder:
+    params["Transformer"] = encoder
+  if inside is not None:
+    params["pos_embedding"] = inside
+  pos = params.get("pos_embedding")
+  if pos is not None and "cls" in params:
+    n = pos.shape[1]
+    with_cls = math.isqrt(n - 1) ** 2 == n - 1 and math.isqrt(n) ** 2 != n
+    if inside is not None or with_cls:
+      params["cls"] = params["cls"] + pos[:, :1]
+      params["pos_embedding"] = pos[:, 1:]
+  return params
+
+
+def _match_scan(params: dict, scan: bool) -> dict:
+  """Stacks `encoderblock_i` into one `encoderblock` (scan) or splits it, as the model needs."""
+  encoder = dict(params.get("Transformer", {}))
+  if scan and "encoderblock" not in encoder and "encoderblock_0" in encoder:
+    depth = sum(1 for k in encoder if k.startswith("encoderblock_"))
+    blocks = [encoder.pop(f"encoderblock_{i}") for i in range(depth)]
+    encoder["encoderblock"] = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)
+  elif not scan and "encoderblock" in encoder:
+    stacked = encoder.pop("encoderblock")
+    depth = len(jax.tree_util.tree_leaves(stacked)[0])
+    for i in range(depth):
+      encoder[f"encoderblock_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return dict(params, Transformer=encoder)
+
+
+def _square_grid(n: int, what: str) -> tuple[int, int]:
+  side = math.isqrt(n)
+  if side * side != n:
+    raise loading.CheckpointError(
+        f"cannot resample the position embedding: the {what} has {n} patch entries, which "
+        f"is not a square grid; use images that give a square patch grid")
+  return side, side
+
+
+def resample_posemb(old, new_length: int):
+  """(1, N, D) embeddings of a square grid -> (1, new_length, D), bilinear (scipy zoom 1)."""
+  old = np.asarray(old)
+  if old.shape[1] == new_length:
+    return old
+  h, w = _square_grid(old.shape[1], "checkpoint")
+  grid = loading.resample_grid(old.reshape(h, w, -1),
+                               _square_grid(new_length, "model"))
+  logging.info("Position embedding resampled from a %dx%d grid to %s.", h, w,
+               "x".join(map(str, grid.shape[:2])))
+  return np.asarray(grid).reshape(1, new_length, -1)
+
+
+def load(init_params, path: str, model_cfg, dont_load: Sequence[str] = ()) -> dict:
+  """Parameters for a model of `model_cfg` from a checkpoint, adapted to it.
+
+  `path`: a vision_transformer / AugReg or big_vision `.npz` (bare, or under `params/`;
+  per-block or stacked blocks), or a vitcls workdir (its latest checkpoint).
+  Adapting: blocks stacked or split to match `model_cfg.scan`; the position embedding
+  resampled to the model's patch grid; `pre_logits` dropped when the model has no
+  `rep_size` (the head, trained on its output, is then fresh too); the head kept from
+  `init_params` when its shape differs (another class count) or `dont_load` names it.
+  Any other mismatch is one CheckpointError naming the parameter and both shapes.
+  """
+  restored = _match_scan(_to_current_layout(loading.read_params(path)),
+                         bool(model_cfg.get("scan", False)))
+  fresh = [r"head/.*"]
+  if "pre_logits" in restored and "pre_logits" not in init_params:
+    logging.info("Dropping pre_logits of %s: the model has no rep_size.", path)
+    del restored["pre_logits"]
+    restored.pop("head", None)
+  if "pos_embedding" in restored and "pos_embedding" in init_params:
+    restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
+                                                np.shape(init_params["pos_embedding"])[1])
+  return loading.merge(restored, init_params, dont_load, fresh=fresh, source=f"'{path}'")

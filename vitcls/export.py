@@ -1,0 +1,99 @@
+"""`python -m vitcls.export --workdir=DIR --output=PATH [--format=npz|savedmodel] [--step=N]`.
+
+Nothing trained with vitcls is locked in: `npz` writes the parameters of a workdir's
+checkpoint (the latest, or `--step`) as flat `/`-joined keys, big_vision's layout, which
+big_vision's own `load` functions and vitcls's `model_init` read unchanged; `savedmodel`
+writes a TensorFlow SavedModel that takes uint8 RGB images of any size and returns class
+probabilities, with the eval preprocessing inside, servable without vitcls or JAX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging
+import numpy as np
+
+from vitcls import checkpoint, configs, models
+from vitcls.errors import UserError
+from vitcls.models import loading
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defined when the CLI starts, not on import: `vitcls.train` defines --workdir too."""
+  if "workdir" not in FLAGS:
+    flags.DEFINE_string("workdir", None, "A vitcls workdir with checkpoints.")
+  flags.DEFINE_string("output", None, "FILE.npz, or a directory for savedmodel.")
+  flags.DEFINE_enum("format", "npz", ["npz", "savedmodel"], "What to write.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+
+
+def export_npz(workdir: str, output: str, step: int | None = None) -> str:
+  """Writes the params of `workdir`'s checkpoint to `output` in big_vision's npz layout."""
+  params = checkpoint.load_params(workdir, step)
+  loading.write_npz(output, params)
+  return output
+
+
+def serving_inputs(config):
+  """(eval pp spec, model input shape HWC, label names or None) for a serving export.
+
+  The pp is the first evaluator's (what the reported numbers were measured with); the
+  input shape is what that pp makes of one example of the eval split.
+  """
+  from vitcls import evaluators  # pylint: disable=g-import-not-at-top
+  from vitcls.data import preprocess, sources  # pylint: disable=g-import-not-at-top
+  if not config.evals:
+    raise configs.ConfigError("the run has no config.evals: the serving export takes its "
+                              "preprocessing from the first evaluator's pp")
+  name, raw = next(iter(config.evals.items()))
+  eval_config = evaluators.resolve(name, raw)
+  source = sources.get_source(eval_config.data or config.input.data.name, eval_config.split,
+                              config.input.data_dir or None)
+  example = preprocess.parse(eval_config.pp)(source[0], np.random.default_rng(0))
+  features = getattr(getattr(source, "dataset_info", None), "features", {})
+  label = features["label"] if "label" in features else None
+  names = list(label.names) if getattr(label, "names", None) else None
+  return eval_config.pp, tuple(np.shape(example["image"])), names
+
+
+def export_savedmodel(workdir: str, output: str, step: int | None = None) -> str:
+  """Writes a TF SavedModel of `workdir`'s checkpoint: uint8 RGB in, probabilities out."""
+  from vitcls import serving  # pylint: disable=g-import-not-at-top
+  config = configs.load_workdir_config(workdir)
+  model = models.build(config.model_name, config.num_classes, config.model)
+  params = checkpoint.load_params(workdir, step)
+  pp_spec, image_shape, label_names = serving_inputs(config)
+  return serving.export_savedmodel(output, model=model, params=params, pp_spec=pp_spec,
+                                   image_shape=image_shape, label_names=label_names)
+
+
+_EXPORTERS = {"npz": export_npz, "savedmodel": export_savedmodel}
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    if not FLAGS.workdir or not FLAGS.output:
+      raise UserError("both --workdir=DIR and --output=PATH are required")
+    path = _EXPORTERS[FLAGS.format](FLAGS.workdir, FLAGS.output, FLAGS.step)
+  except UserError as e:
+    print(f"vitcls: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("Exported %s.", path)
+  print(f"Exported {FLAGS.format} to {path}")
+
+
+def run() -> None:
+  """Entry point shared by `python -m vitcls.export` and `vitcls export`."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,181 @@
+"""Reading and writing parameter checkpoints shared by the model files' `load` functions.
+
+Published checkpoints are `.npz` files of flat `/`-joined keys (big_vision,
+vision_transformer, BiT); a vitcls workdir holds orbax checkpoints. `read_params` turns
+either into one nested dict of NumPy arrays; `merge` lays it onto a freshly initialised
+tree, keeping the init where asked (`dont_load`) and failing in one line on any other
+mismatch; `write_npz` writes the flat layout back out. `resample_grid` is the bilinear
+resampling of position embeddings, a pure jnp function a model can also call at apply time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from typing import Iterable, Mapping
+
+from absl import logging
+import jax.numpy as jnp
+import numpy as np
+
+from vitcls.errors import UserError
+
+
+class CheckpointError(UserError):
+  """A checkpoint file cannot be read, or does not fit the model it is loaded into."""
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
+  """{'a': {'b': x}} -> {'a/b': x}; leaves are kept as they are."""
+  flat = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten(value, name + "/"))
+    else:
+      flat[name] = value
+  return flat
+
+
+def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def read_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an `.npz` file by key; never unpickles; one clear error otherwise."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"checkpoint file '{path}' does not exist: pass the path of an "
+                          f".npz file or of a vitcls workdir")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # Every .npz is a zip archive.
+    raise CheckpointError(f"checkpoint '{path}' is not an .npz file (not a zip archive): "
+                          f"pass an .npz of arrays, or a vitcls workdir")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      return {key: np.asarray(npz[key]) for key in npz.files}
+  except ValueError as e:
+    if "allow_pickle" in str(e) or "pickle" in str(e).lower():
+      raise CheckpointError(
+          f"checkpoint '{path}' holds pickled Python objects, which vitcls never loads "
+          f"(they can run code): re-save it with numeric arrays only") from None
+    raise CheckpointError(f"checkpoint '{path}' is not a readable .npz file: "
+                          f"{str(e).splitlines()[0]}") from None
+  except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+    detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise CheckpointError(f"checkpoint '{path}' is not a complete .npz file (truncated or "
+                          f"another format: {detail}): download or export it again") from None
+
+
+def write_npz(path: str, tree: Mapping) -> None:
+  """Writes `tree` as an `.npz` of flat `/`-joined keys; atomically (temp file, rename)."""
+  flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+  with open(tmp, "wb") as f:
+    np.savez(f, **flat)
+  os.replace(tmp, path)
+
+
+def read_params(path: str) -> dict:
+  """Parameters from an `.npz` file or a vitcls workdir (its latest checkpoint).
+
+  An npz holding a whole training state (`params/...`, `opt/target/...`) gives its
+  parameters; an npz of bare parameters is returned as it is.
+  """
+  if os.path.isdir(path):
+    from vitcls import checkpoint  # pylint: disable=g-import-not-at-top
+    return checkpoint.load_params(path)
+  tree = unflatten(read_npz(path))
+  if isinstance(tree.get("params"), dict):
+    return tree["params"]
+  if isinstance(tree.get("opt"), dict) and isinstance(tree["opt"].get("target"), dict):
+    return tree["opt"]["target"]
+  return tree
+
+
+def resample_grid(grid, new_hw: tuple[int, int]):
+  """Bilinear resampling of an (h, w, c) grid to `new_hw`, corners kept in place.
+
+  The same maths as `scipy.ndimage.zoom(grid, (new_h/h, new_w/w, 1), order=1)` (output
+  pixel i reads input coordinate i*(n_in-1)/(n_out-1)), written in jnp so a model can
+  call it at apply time too. Weights are computed from the static shapes, so it jits.
+  """
+  grid = jnp.asarray(grid)
+  for axis, new in enumerate(new_hw):
+    old = grid.shape[axis]
+    if new == old:
+      continue
+    pos = np.arange(new) * ((old - 1) / (new - 1)) if new > 1 else np.zeros(1)
+    lo = np.clip(np.floor(pos).astype(np.int32), 0, max(old - 2, 0))
+    hi = np.minimum(lo + 1, old - 1)
+    frac = (pos - lo).astype(np.float32)
+    shape = [1] * grid.ndim
+    shape[axis] = new
+    frac = jnp.asarray(frac.reshape(shape), grid.dtype)
+    grid = (jnp.take(grid, lo, axis=axis) * (1 - frac)
+            + jnp.take(grid, hi, axis=axis) * frac)
+  return grid
+
+
+def merge(restored: Mapping, init: Mapping, dont_load: Iterable[str] = (),
+          fresh: Iterable[str] = (), source: str = "checkpoint") -> dict:
+  """The `init` tree with every leaf taken from `restored`, except where told not to.
+
+  dont_load: regexes (full match on the `/`-joined path) of leaves kept from `init`.
+  fresh: regexes of leaves kept from `init` when `restored` lacks them or has another
+    shape (the head, when the class count changes). Any other missing leaf or shape
+    mismatch raises one CheckpointError naming the parameter; leaves of `restored` the
+    model has no use for are ignored with a warning.
+  """
+  skip = [re.compile(p) for p in dont_load]
+  fresh = [re.compile(p) for p in fresh]
+  loaded, init_flat = flatten(restored), flatten(init)
+  merged, missing, kept = {}, [], []
+  for name, value in init_flat.items():
+    if any(p.fullmatch(name) for p in skip):
+      merged[name] = value
+      kept.append(name)
+      continue
+    is_fresh = any(p.fullmatch(name) for p in fresh)
+    if name not in loaded:
+      if is_fresh:
+        merged[name] = value
+        kept.append(name)
+      else:
+        missing.append(name)
+      continue
+    new = loaded[name]
+    if np.shape(new) != np.shape(value):
+      if is_fresh:
+        logging.info("Fresh init for %s: %s in the %s, %s in the model.", name,
+                     np.shape(new), source, np.shape(value))
+        merged[name] = value
+        kept.append(name)
+        continue
+      raise CheckpointError(
+          f"parameter '{name}' has shape {tuple(np.shape(new))} in the {source} but "
+          f"{tuple(np.shape(value))} in the model: use a config of the same size, or add "
+          f"the parameter to config.model_load.dont_load to keep its fresh init")
+    merged[name] = np.asarray(new, dtype=np.asarray(value).dtype)
+  if missing:
+    raise CheckpointError(
+        f"the {source} has no parameter {', '.join(repr(m) for m in missing[:5])}"
+        f"{' and more' if len(missing) > 5 else ''} that the model needs: check "
+        f"config.model, or add it to config.model_load.dont_load to keep its fresh init")
+  unused = sorted(set(loaded) - set(init_flat))
+  if unused:
+    logging.warning("Not loaded (the model has no such parameter): %s", ", ".join(unused))
+  if kept:
+    logging.info("Kept from the fresh init: %s", ", ".join(kept))
+  return unflatten(merged)
