@@ -15,9 +15,14 @@ def test_there_are_experiments():
   assert {"mnist5k_vit.py", "digits_vit.py"} <= {os.path.basename(p) for p in EXPERIMENTS}
 
 
-@pytest.mark.parametrize("path", EXPERIMENTS, ids=os.path.basename)
-def test_experiment_runs_a_few_steps(path, tmp_path):
-  config = configs.resolve(configs.load_experiment(path + ":runlocal=True"))
+# Experiments whose arguments pick another model: each such choice runs too.
+VARIANTS = [p + ":runlocal=True" for p in EXPERIMENTS] + [
+    os.path.join(REPO, "experiments", "finetune.py:model=bit,runlocal=True")]
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=lambda s: os.path.basename(s))
+def test_experiment_runs_a_few_steps(spec, tmp_path):
+  config = configs.resolve(configs.load_experiment(spec))
   final = train.train(config, str(tmp_path))
   assert 0.0 <= final["test/top1"] <= 1.0 and final["test/count"] > 0
   steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]

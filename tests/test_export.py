@@ -57,7 +57,8 @@ def test_export_errors_are_one_line(tmp_path, trained):
 
 
 def _finetune_config(init, *overrides):
-  arg = f"init={init},dataset=digits,classes=10,res=42,steps=4,batch=16,runlocal=True"
+  arg = (f"init={init},dataset=digits,classes=10,res=42,rgb=False,steps=4,batch=16,"
+         f"runlocal=True")
   return configs.resolve(configs.load_experiment(f"{FINETUNE}:{arg}"), list(overrides))
 
 
@@ -67,8 +68,8 @@ def test_model_init_starts_from_the_checkpoint_on_a_new_patch_grid(trained, tmp_
   if source == "npz":  # An npz holds no architecture: the command line gives it.
     init = export.export_npz(trained, str(tmp_path / "mnist.npz"))
     model = configs.load_workdir_config(trained).model
-    overrides = ["model.variant=None", "model.pool_type=gap", "input.pp=resize(42)|"
-                 "value_range(-1,1)|onehot(10)"] + [f"model.{k}={v}" for k, v in model.items()]
+    overrides = ["model.variant=None", "model.pool_type=gap"] + [
+        f"model.{k}={v}" for k, v in model.items()]
   config = _finetune_config(init, *overrides)
   assert config.model.width == 32 and config.model.patch_size == 7  # From config.json.
   run = build.build(config)

@@ -96,9 +96,8 @@ def test_vision_transformer_layout_gives_the_same_logits(tmp_path):
   np.testing.assert_allclose(_logits(model, loaded), _logits(model, params), atol=1e-5)
 
 
-@pytest.mark.parametrize("prefix", ["", "params/"])
-@pytest.mark.parametrize("stored_scanned", [False, True])
-@pytest.mark.parametrize("model_scanned", [False, True])
+@pytest.mark.parametrize("prefix, stored_scanned, model_scanned", [
+    ("", False, False), ("params/", True, False), ("params/", False, True), ("", True, True)])
 def test_big_vision_layouts_give_the_same_logits(tmp_path, prefix, stored_scanned,
                                                  model_scanned):
   reference = _model()
