@@ -109,3 +109,50 @@ def test_adafactor_builds_and_unknown_options_are_errors():
     optim.make_optimizer(_config(optax_name="adam"), 10)
   with pytest.raises(configs.ConfigError, match="unknown config key 'optax.beta1'"):
     optim.make_optimizer(_config(optax=configs.ConfigDict({"beta1": 0.9})), 10)
+
+
+def _run(tx, params, n=4, seed=0):
+  """n updates with random gradients; returns (params, opt_state)."""
+  state = tx.init(params)
+  rng = np.random.default_rng(seed)
+  for _ in range(n):
+    grads = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype),
+                                   params)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _random_params(seed=1):
+  rng = np.random.default_rng(seed)
+  return {"embedding": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)},
+          "head": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}}
+
+
+def test_frozen_parameters_never_change_and_have_no_optimizer_state():
+  c = _config(lr=0.1, wd=0.1, optax_name="adamw", frozen=["embedding/.*"])
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  params = _random_params()
+  new, state = _run(tx, params)
+  assert new["embedding"]["kernel"].tobytes() == params["embedding"]["kernel"].tobytes()
+  assert not np.allclose(new["head"]["kernel"], params["head"]["kernel"])
+  state_sizes = [x.size for x in jax.tree_util.tree_leaves(state) if np.ndim(x) > 0]
+  assert sum(state_sizes) == 2 * (6 + 2)  # Adam's mu and nu of the head only.
+  with pytest.raises(configs.ConfigError, match="config.frozen: bad regex"):
+    optim.make_optimizer(_config(frozen=["head/("]), 10)[0].init(params)
+
+
+def test_lr_mults_scale_the_update_of_exactly_the_matching_leaves():
+  base = dict(lr=0.1, wd=0.0, optax_name="sgd", grad_clip_norm=0.0,
+              optax=configs.ConfigDict({"momentum": 0.9}),
+              **{"schedule.decay_type": "constant"})
+  params = _random_params()
+  plain, _ = _run(optim.make_optimizer(_config(**base), 10)[0], params)
+  mults = [("head/kernel", 10.0), ("head/.*", 0.5)]  # First match wins.
+  scaled, _ = _run(optim.make_optimizer(_config(**base, lr_mults=mults), 10)[0], params)
+  for path, mult in [(("embedding", "kernel"), 1.0), (("head", "kernel"), 10.0),
+                     (("head", "bias"), 0.5)]:
+    delta_plain = plain[path[0]][path[1]] - params[path[0]][path[1]]
+    delta_scaled = scaled[path[0]][path[1]] - params[path[0]][path[1]]
+    np.testing.assert_allclose(delta_scaled, mult * delta_plain, rtol=1e-5, atol=1e-7)

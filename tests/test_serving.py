@@ -169,7 +169,8 @@ def test_random_op_is_one_line_user_error(tmp_path, op):
 
 
 @pytest.mark.parametrize("spec, words", [
-    ("decode|value_range(-1,1)", ["'decode'", "eval pp"]),
+    ("sharpen(2)|value_range(-1,1)", ["'sharpen'", "no TF twin", "eval pp"]),
+    ("inception_crop(32)|value_range(-1,1)", ["'inception_crop'", "is random"]),
     ("resize(16, method='lanczos')", ["resize", "method"]),
 ])
 def test_unservable_pp_is_user_error(spec, words):

@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO, losses, read_metrics, run_train, train_command
 
 
-def _params(workdir, step):
-  """The params of a checkpoint, onto this process's one device whatever it was saved on."""
+def _params(workdir, step, part="params"):
+  """The params (or `part`) of a checkpoint, onto this process's one device."""
   path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "default"))
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
@@ -25,7 +25,7 @@ def _params(workdir, step):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree_util.tree_map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(path, target)["params"]
+  return checkpointer.restore(path, target)[part]
 
 
 def _leaves(tree, prefix=""):
@@ -78,8 +78,14 @@ def _kill_during_a_save(workdir, overrides):
 
 
 def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path):
+  """With every random or stateful recipe ingredient on: RandAugment, mixup and CutMix,
+  EMA, gradient accumulation, stochastic depth."""
   overrides = ["--config.total_steps=200", "--config.checkpoint_every=20",
-               "--config.log_every=10", "--config.evals.test.every=1000"]
+               "--config.log_every=10", "--config.evals.test.every=1000",
+               "--config.input.pp=randaug(2,10)|random_shift(2)|value_range(-1,1)|onehot(10)",
+               "--config.mixup.alpha=0.2", "--config.cutmix.alpha=1.0",
+               "--config.ema_decay=0.99", "--config.ema_warmup=True",
+               "--config.grad_accum_steps=2", "--config.model.depth=2"]
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
   run_train(straight, *overrides)
 
@@ -89,10 +95,12 @@ def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path):
   resumed = run_train(killed, *overrides)  # ...and the last complete one is used.
   assert f"Resuming from the checkpoint of step {max(done)}" in resumed.stderr
   assert max(done) < 200
-  a, b = dict(_leaves(_params(straight, 200))), dict(_leaves(_params(killed, 200)))
-  assert a.keys() == b.keys()
-  for name in a:
-    assert a[name].tobytes() == b[name].tobytes(), f"{name} differs after resume"
+  for part in ("params", "ema"):
+    a = dict(_leaves(_params(straight, 200, part)))
+    b = dict(_leaves(_params(killed, 200, part)))
+    assert a.keys() == b.keys() and a
+    for name in a:
+      assert a[name].tobytes() == b[name].tobytes(), f"{part}{name} differs after resume"
   assert losses(straight) == losses(killed)  # The logged curve too, step for step.
 
 

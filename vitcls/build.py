@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from vitcls import configs, models, optim, sharding, state, steps
+from vitcls import configs, losses, mixing, models, optim, sharding, state, steps
 from vitcls.data import pipeline, preprocess, sources
 
 
@@ -55,13 +55,41 @@ class Run:
   def batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step+1, start_step+2, ... (see data.pipeline)."""
     c = self.config
+    labels = None
+    if c.input.balanced_sampling:
+      labels = sources.labels(c.input.data.name, c.input.data.split, c.input.data_dir or None)
     dataset = pipeline.train_dataset(
         self.source, self.pp, global_batch=c.input.batch_size, seed=c.seed,
         start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(), balanced_labels=labels)
     return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
                             prefetch=c.input.prefetch, num_workers=c.input.num_workers,
                             device_prefetch=c.input.device_prefetch)
+
+
+def step_options(config, num_devices: int) -> steps.StepOptions:
+  """Checks the train step's fields (loss, mixing, accumulation, EMA) and resolves them.
+
+  Class weights "balanced" read the training split's label counts here, once.
+  """
+  losses.get(config.loss)
+  mixing.validate(config.mixup.alpha, config.mixup.p, config.cutmix.alpha,
+                  config.mix_switch_prob)
+  accum, batch = config.grad_accum_steps, config.input.batch_size
+  if not isinstance(accum, int) or accum < 1 or batch % (accum * num_devices):
+    raise configs.ConfigError(
+        f"grad_accum_steps {accum} must be a positive integer dividing the per-device "
+        f"batch (input.batch_size {batch} over {num_devices} devices)")
+  if not 0.0 <= config.ema_decay < 1.0:
+    raise configs.ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got "
+                              f"{config.ema_decay}")
+  data = config.input.data
+  weights = losses.resolve_class_weights(
+      config.class_weights,
+      lambda: sources.label_counts(data.name, data.split, config.input.data_dir or None,
+                                   num_classes=config.num_classes),
+      config.num_classes)
+  return steps.StepOptions.from_config(config, weights)
 
 
 def build(config) -> Run:
@@ -79,15 +107,17 @@ def build(config) -> Run:
   if config.model_init and not os.path.exists(config.model_init):
     raise configs.ConfigError(f"config.model_init: '{config.model_init}' does not exist: "
                               f"give an .npz checkpoint or a vitcls workdir")
+  options = step_options(config, mesh.size)
   tx, schedule = optim.make_optimizer(config, total_steps)
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
-  init_fn = state.make_init_fn(model, tx, image_shape, config.seed)
+  init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
+                               ema=bool(config.ema_decay))
   abstract = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, config.label_smoothing),
+      steps.make_train_step(model, tx, schedule, options),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, sharding.replicated(mesh)),
       donate_argnums=0)

@@ -53,6 +53,7 @@ def defaults() -> ConfigDict:
   c.input.prefetch = 4  # Batches prepared ahead on the host.
   c.input.num_workers = 0  # Worker processes for preprocessing; 0 = threads only.
   c.input.device_prefetch = 2  # Batches already on device ahead of the step.
+  c.input.balanced_sampling = False  # Every class equally often (stream stays (seed, step)).
 
   # Durations: total_steps wins over total_examples, which wins over total_epochs.
   c.total_steps = config_dict.placeholder(int)
@@ -66,6 +67,19 @@ def defaults() -> ConfigDict:
   c.wd_mask = r".*/kernel$"
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
   c.label_smoothing = 0.0
+  c.loss = "softmax_xent"  # softmax_xent | sigmoid_xent (multi-label).
+  c.class_weights = None  # None | "balanced" (n / (k * n_c) from the train split) | list.
+  c.lr_mults = []  # [(regex, multiplier)]: per-parameter lr factors, first match wins.
+  c.frozen = []  # Regexes of parameters never updated (and given no optimiser state).
+  c.grad_accum_steps = 1  # Micro-batches per step: same result, 1/n of the memory.
+  c.ema_decay = 0.0  # EMA of the params (e.g. 0.9998); 0 = off. Evaluated beside the params.
+  c.ema_warmup = False  # timm ModelEmaV3 warm-up: decay min(ema_decay, 1-(1+t)^(-2/3)).
+  # Mixing on device, per batch: mixup (`alpha`: lam ~ Beta(alpha, alpha), timm/DeiT; or
+  # big_vision's `p`: Beta(p, p) folded to max(lam, 1 - lam)), CutMix (a box of area
+  # 1 - lam, lam ~ Beta(alpha, alpha)); both on: CutMix with probability mix_switch_prob.
+  c.mixup = ConfigDict({"alpha": 0.0, "p": 0.0})
+  c.cutmix = ConfigDict({"alpha": 0.0})
+  c.mix_switch_prob = 0.5
   c.schedule = ConfigDict()
   c.schedule.decay_type = "cosine"  # cosine | linear | rsqrt | constant
   c.schedule.warmup_steps = 0

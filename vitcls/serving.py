@@ -41,7 +41,8 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L").
 PLATFORMS = ("cpu", "cuda", "tpu")  # The SavedModel runs on any of these.
 LABELS_FILE = "labels.txt"
 RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")  # Host and TF share the names.
-RANDOM_OPS = frozenset({"random_crop", "random_shift", "flip_lr"})
+RANDOM_OPS = frozenset({"random_crop", "random_shift", "flip_lr", "inception_crop",
+                        "randaug", "random_erasing"})
 
 ImageOp = Callable[[Any], Any]  # tf.Tensor [batch, h, w, c] -> tf.Tensor [batch, h', w', c'].
 
@@ -113,18 +114,56 @@ def _value_range_tf(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0,
   return _on_image(key, op)
 
 
+def _resize_small_tf(size, key="image", method="bilinear") -> Optional[ImageOp]:
+  """Shorter side to `size` as the host's resize_small, then `resize`'s TF resize.
+
+  The shape is the host's (`preprocess.resize_small_shape`: the same float64 arithmetic
+  and half-to-even rounding), computed per batch since serving takes any input size.
+  """
+  size = int(size)
+  if method not in RESIZE_METHODS:
+    raise TypeError(f"method must be one of {', '.join(RESIZE_METHODS)}, not {method!r}")
+  def op(images):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    hw = tf.cast(tf.shape(images)[1:3], tf.float64)
+    new_hw = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)
+    out = tf.image.resize(tf.cast(images, tf.float32), new_hw, method=method,
+                          antialias=True)
+    return _cast_like(out, images.dtype)
+  return _on_image(key, op)
+
+
+def _normalize_tf(mean, std, key="image") -> Optional[ImageOp]:
+  """(x - 255 mean) / (255 std) in float32 with the host's constants: equal bit for bit."""
+  mean255, std255 = preprocess.normalize_constants(mean, std)
+  def op(images):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    return (tf.cast(images, tf.float32) - mean255) / std255
+  return _on_image(key, op)
+
+
+def _decode_tf(key="image", channels=3) -> None:
+  """Nothing to do: serving takes decoded uint8 RGB, and step 1 makes the channels."""
+  if channels not in preprocess.DECODE_MODES:
+    raise TypeError(f"channels must be 1 or 3, got {channels!r}")
+
+
 def _label_only(*args, **kwargs) -> None:
   """Ops that touch only labels (or drop keys): nothing to do on a served image."""
   del args, kwargs
 
 
 TF_TWINS: dict[str, Callable[..., Optional[ImageOp]]] = {
+    "decode": _decode_tf,
     "resize": _resize_tf,
+    "resize_small": _resize_small_tf,
     "central_crop": _central_crop_tf,
     "to_rgb": _to_rgb_tf,
     "value_range": _value_range_tf,
+    "normalize": _normalize_tf,
     "onehot": _label_only,
     "keep": _label_only,
+    "drop": _label_only,
 }
 
 

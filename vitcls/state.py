@@ -10,14 +10,18 @@ import jax
 
 @flax.struct.dataclass
 class TrainState:
-  """`step` counts completed updates; the key of step s is `fold_in(rng, s)`."""
+  """`step` counts completed updates; the key of step s is `fold_in(rng, s)`.
+
+  `ema` is the exponential moving average of `params` when `ema_decay` is on, else None.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  ema: Any = None
 
 
-def make_init_fn(model, tx, image_shape, seed: int):
+def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False):
   """Returns init(params=None) -> TrainState, pure, to be jitted with the state's shardings.
 
   With `params` (e.g. imported from a checkpoint) the state starts from them; without,
@@ -31,5 +35,6 @@ def make_init_fn(model, tx, image_shape, seed: int):
       dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
       params = model.init({"params": init_key}, dummy, train=False)["params"]
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                      opt_state=tx.init(params), rng=train_key)
+                      opt_state=tx.init(params), rng=train_key,
+                      ema=jax.tree_util.tree_map(jax.numpy.copy, params) if ema else None)
   return init

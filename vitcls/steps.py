@@ -1,46 +1,138 @@
-"""Pure, jit-able train and eval steps."""
+"""Pure, jit-able train and eval steps.
+
+The train step is the whole update of one global batch: on-device mixing (mixup /
+CutMix), the loss (by name, with label smoothing and class weights), gradient
+accumulation over micro-batches (a `lax.scan`, so a batch that does not fit in memory
+gives the same update as if it did), the optimiser, and the EMA of the parameters. All its
+randomness comes from `fold_in(state.rng, state.step)`, so a resumed run is bitwise equal.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable, Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from vitcls import losses, mixing
 
-def softmax_xent(logits, labels, label_smoothing: float = 0.0):
-  """Per-example cross-entropy against (smoothed) one-hot or soft `labels`."""
-  if label_smoothing:
-    labels = labels * (1.0 - label_smoothing) + label_smoothing / labels.shape[-1]
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+_MIX_SALT = 0x6d6978  # fold_in salt of the mixing key ("mix"); dropout keeps the step key.
 
 
-def make_train_step(model, tx, schedule, label_smoothing: float = 0.0):
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """What the train step does besides the optimiser update; built from the config."""
+  loss: str = "softmax_xent"
+  label_smoothing: float = 0.0
+  class_weights: Optional[Any] = None  # float32 [num_classes] or None.
+  mixup_alpha: float = 0.0
+  mixup_p: float = 0.0
+  cutmix_alpha: float = 0.0
+  mix_switch_prob: float = 0.5
+  grad_accum_steps: int = 1
+  ema_decay: float = 0.0
+  ema_warmup: bool = False
+
+  @classmethod
+  def from_config(cls, config, class_weights=None) -> "StepOptions":
+    return cls(loss=config.loss, label_smoothing=config.label_smoothing,
+               class_weights=class_weights, mixup_alpha=config.mixup.alpha,
+               mixup_p=config.mixup.p, cutmix_alpha=config.cutmix.alpha,
+               mix_switch_prob=config.mix_switch_prob,
+               grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
+               ema_warmup=config.ema_warmup)
+
+  @property
+  def mixes(self) -> bool:
+    return bool(self.mixup_alpha or self.mixup_p or self.cutmix_alpha)
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+  """The EMA decay of the update after `step` earlier ones.
+
+  With warm-up (timm's ModelEmaV3, power 2/3): min(decay, 1 - (1 + step)^(-2/3)), which
+  is 0 for the first update (the EMA starts as the params) and nears `decay` later.
+  """
+  if not warmup:
+    return jnp.float32(decay)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), 1.0 - (1.0 + step) ** (-2.0 / 3.0))
+
+
+def _micro_batches(x, n: int):
+  """[B, ...] -> [n, B/n, ...], micro-batch a = rows a, a+n, a+2n, ...
+
+  Strided rather than contiguous so every device keeps its own rows (a batch sharded
+  over devices in contiguous blocks needs no data movement when B/devices % n == 0).
+  """
+  return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(model, tx, schedule, options: StepOptions = StepOptions()) -> Callable:
   """train_step(state, batch) -> (state, metrics); dropout key fold_in(state.rng, step)."""
+  loss_of = losses.get(options.loss)
+  weights = None if options.class_weights is None else np.asarray(options.class_weights,
+                                                                 np.float32)
+  accum = int(options.grad_accum_steps)
+
+  def mean_loss(params, images, labels, key):
+    logits, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+    return jnp.mean(loss_of(logits, labels, label_smoothing=options.label_smoothing,
+                            class_weights=weights))
+
+  def loss_and_grads(params, images, labels, rng):
+    if accum == 1:
+      return jax.value_and_grad(mean_loss)(params, images, labels, rng)
+
+    def one(carry, micro):
+      x, y, index = micro
+      loss, grads = jax.value_and_grad(mean_loss)(params, x, y, jax.random.fold_in(rng, index))
+      return (carry[0] + loss, jax.tree_util.tree_map(jnp.add, carry[1], grads)), None
+
+    zeros = (jnp.float32(0), jax.tree_util.tree_map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(
+        one, zeros, (_micro_batches(images, accum), _micro_batches(labels, accum),
+                     jnp.arange(accum)))
+    return loss / accum, jax.tree_util.tree_map(lambda g: g / accum, grads)
+
   def train_step(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      logits, _ = model.apply({"params": params}, batch["image"], train=True,
-                              rngs={"dropout": rng})
-      return jnp.mean(softmax_xent(logits, batch["labels"], label_smoothing))
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    images, labels = batch["image"], batch["labels"]
+    metrics = {}
+    if options.mixes:
+      images, labels, info = mixing.mix(
+          jax.random.fold_in(rng, _MIX_SALT), images, labels,
+          mixup_alpha=options.mixup_alpha, mixup_p=options.mixup_p,
+          cutmix_alpha=options.cutmix_alpha, switch_prob=options.mix_switch_prob)
+      metrics.update(info)
+    loss, grads = loss_and_grads(state.params, images, labels, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema = state.ema
+    if options.ema_decay:
+      decay = ema_decay_at(state.step, options.ema_decay, options.ema_warmup)
+      ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+      metrics["ema_decay"] = decay
+    metrics.update({"loss": loss, "grad_norm": optax.tree.norm(grads),
+                    "lr": schedule(state.step)})
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema=ema), metrics
   return train_step
 
 
-def make_eval_step(model):
+def make_eval_step(model, loss: str = "softmax_xent"):
   """eval_step(params, batch) -> sums over real (mask=1) examples: correct, loss, count."""
+  loss_of = losses.get(loss)
+
   def eval_step(params, batch):
     logits, _ = model.apply({"params": params}, batch["image"], train=False)
     mask = batch["_mask"]
     labels = batch["labels"]
     correct = jnp.argmax(logits, -1) == jnp.argmax(labels, -1)
     return {"correct": jnp.sum(correct * mask),
-            "loss": jnp.sum(softmax_xent(logits, labels) * mask),
+            "loss": jnp.sum(loss_of(logits, labels) * mask),
             "count": jnp.sum(mask)}
   return eval_step

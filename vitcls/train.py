@@ -92,10 +92,15 @@ def train(config, workdir: str) -> dict[str, float]:
   batches = run.batches(start)
 
   def run_evals(step: int, names) -> dict[str, float]:
+    """Each named eval on the params, and on their EMA as `<name>_ema/...` when it is on."""
     results = {}
+    weights = {"": train_state.params}
+    if train_state.ema is not None:
+      weights["_ema"] = train_state.ema
     for name in names:
-      for key, value in evals[name].run(train_state.params).items():
-        results[f"{name}/{key}"] = value
+      for suffix, params in weights.items():
+        for key, value in evals[name].run(params).items():
+          results[f"{name}{suffix}/{key}"] = value
     if results:
       writer.write_scalars(step, results)
       logging.info("Eval at step %d: %s", step,

@@ -1,20 +1,29 @@
 """The input pipeline: grain over a random-access source, delivering global jax.Arrays.
 
-Contract (what exact resume relies on): the training stream is the source shuffled
-globally per epoch from `seed` (grain's index shuffle, reseeded each epoch), repeated
-without end, with per-example preprocessing randomness seeded by (seed, position in the
-stream). Global batch k holds stream positions [k*B, (k+1)*B); process p of P holds the
-contiguous slice [k*B + p*B/P, k*B + (p+1)*B/P). So the batch of step k is a pure function
-of (seed, k, process layout), and the *global* batch is a function of (seed, k) alone:
-resuming at step k builds the stream at k directly, without replaying earlier steps.
+Contract (what exact resume relies on): the training stream is an endless sequence of
+source examples that is a pure function of (seed, position), with per-example
+preprocessing randomness seeded by (seed, position in the stream). By default it is the
+source shuffled globally per epoch from `seed` (grain's index shuffle, reseeded each
+epoch), repeated without end. With `balanced_labels` it is class-balanced instead (see
+`BalancedSource`): positions come in blocks of k, the number of classes present; block b
+visits every class once, in an order drawn from (seed, b); and the j-th visit to class c,
+made in block j, takes the next example of c's own epochs, each a shuffle drawn from
+(seed, c, epoch). Global batch k holds stream positions [k*B, (k+1)*B); process p of P
+holds the contiguous slice [k*B + p*B/P, k*B + (p+1)*B/P). So the batch of step k is a
+pure function of (seed, k, process layout), and the *global* batch is a function of
+(seed, k) alone: resuming at step k builds the stream at k directly, without replaying
+earlier steps.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
+import sys
 from typing import Any, Iterator
 
 import grain
+from grain import experimental as grain_experimental
 import jax
 import numpy as np
 
@@ -28,12 +37,117 @@ def _check_divisible(global_batch: int, process_count: int) -> int:
   return global_batch // process_count
 
 
+# The length of the balanced stream: it has no epochs to repeat (each class runs through
+# its own epochs at its own pace, and every block's order is drawn afresh, so the stream
+# never cycles), so it is simply unbounded, like the ordinary stream after `.repeat()`
+# (the same sys.maxsize), and no length ever needs to be a multiple of k or of any class
+# size. Positions are Python ints and every seed is hashed from them, so nothing
+# overflows or wraps within this length.
+_UNBOUNDED = sys.maxsize
+
+
+# Permutations of at most this many elements are drawn whole with NumPy and cached;
+# larger ones go through grain's index shuffle, which maps one index in O(1) but is slow
+# on small domains (milliseconds per call below ~100 elements in grain 0.2.18, a few
+# microseconds above ~4,000).
+_SMALL_PERMUTATION = 4096
+
+
+@functools.lru_cache(maxsize=2048)  # A block order and each class's epoch; <= 16 MB.
+def _small_permutation(n: int, words: tuple[int, ...]) -> np.ndarray:
+  perm = np.random.default_rng(words).permutation(n).astype(np.uint16)
+  perm.flags.writeable = False
+  return perm
+
+
+@functools.lru_cache(maxsize=4096)
+def _seed32(words: tuple[int, ...]) -> int:
+  return int(np.random.SeedSequence(words).generate_state(1, np.uint32)[0])
+
+
+def _shuffled(index: int, n: int, words: tuple[int, ...]) -> int:
+  """Element `index` of a permutation of range(n) drawn from the integers `words`.
+
+  A pure function whose cost is bounded whatever n: NumPy's PCG64 from
+  SeedSequence(words) up to _SMALL_PERMUTATION elements (drawn whole once, then cached),
+  grain's index shuffle above, seeded from a SeedSequence hash of `words` (hashing keeps
+  distinct tuples from sharing seeds, as consecutive integers would: grain reseeds each
+  epoch with seed + epoch). Both are defined bit-exactly, so every process and machine
+  (on the same NumPy) draws the same.
+  """
+  if n <= _SMALL_PERMUTATION:
+    return int(_small_permutation(n, words)[index])
+  return grain_experimental.index_shuffle(index, max_index=n - 1, seed=_seed32(words),
+                                          rounds=4)
+
+
+class BalancedSource:
+  """`source` seen through class-balanced sampling: position i is source[index(i)].
+
+  Positions come in blocks of k, the number of classes present in `labels`; block b
+  visits every class once, in an order drawn from (seed, b). So every class gets exactly
+  1/k of every block, whatever its size. Class c's j-th visit is made in block j, so it
+  takes element j of c's own stream of examples: its epochs back to back, epoch e a
+  shuffle of c's examples drawn from (seed, c, e). Within an epoch a class's examples are
+  seen without replacement; small classes simply run through more epochs than large ones.
+
+  `index(i)` is O(1) (two draws from `_shuffled`, mostly cache hits in a stream read in
+  order), a pure function of (seed, labels, i): the same fresh or resumed, in any
+  process, on any machine. It has no end (see `_UNBOUNDED`), so it takes no `.shuffle()`
+  or `.repeat()`.
+  """
+
+  def __init__(self, source, labels, seed: int):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(source):
+      raise ValueError(f"balanced sampling needs one label per example: got labels of "
+                       f"shape {labels.shape} for a source of {len(source)} examples")
+    if not len(labels):
+      raise ValueError("balanced sampling needs at least one example")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+      raise ValueError(f"balanced sampling needs non-negative integer labels, got "
+                       f"{labels.dtype} from {labels.min()} to {labels.max()}")
+    self._source = source
+    self._seed = int(seed)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    self.classes = classes  # The labels present, ascending: block slots shuffle these.
+    # Example indices grouped by class, ascending within each; class c's are
+    # members[starts[c]:starts[c] + counts[c]].
+    self._members = np.argsort(inverse, kind="stable")
+    self._starts = np.cumsum(counts) - counts
+    self._counts = counts
+
+  def __len__(self) -> int:
+    return _UNBOUNDED
+
+  def index(self, position: int) -> int:
+    """The source index of stream position `position`."""
+    k = len(self.classes)
+    block, slot = divmod(int(position), k)
+    c = _shuffled(slot, k, (self._seed, 0, block))
+    n = int(self._counts[c])
+    epoch, visit = divmod(block, n)
+    j = _shuffled(visit, n, (self._seed, 1, int(self.classes[c]), epoch))
+    return int(self._members[self._starts[c] + j])
+
+  def __getitem__(self, position: int):
+    return self._source[self.index(position)]
+
+
 def train_dataset(source, pp: preprocess.Preprocess, *, global_batch: int, seed: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> grain.MapDataset:
-  """Element i is this process's part of global batch `start_step + i` (dict of arrays)."""
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  balanced_labels: np.ndarray | None = None) -> grain.MapDataset:
+  """Element i is this process's part of global batch `start_step + i` (dict of arrays).
+
+  `balanced_labels` (the label of every example by index, as `sources.labels` gives)
+  switches the stream to class-balanced sampling; without it the stream is the plain
+  per-epoch shuffle, exactly as it always was.
+  """
   local_batch = _check_divisible(global_batch, process_count)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if balanced_labels is None:
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  else:
+    ds = grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
   ds = ds.random_map(pp)
   ds = ds.batch(local_batch, drop_remainder=True)  # Local batch j = positions j*b..(j+1)*b.
   ds = ds[process_index::process_count]  # Local batch k*P + p is this process's part of k.

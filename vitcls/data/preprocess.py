@@ -8,13 +8,20 @@ A spec is ops joined by `|`, each a call with literal arguments, e.g.
 Every op maps `(example: dict, rng: np.random.Generator) -> dict` on one NumPy example.
 Random ops draw only from `rng`, which the pipeline derives from (seed, position in the
 stream), so preprocessing is reproducible per example.
+
+The ImageNet-style ops (`decode`, `resize_small`, `inception_crop`, `randaug` from
+`vitcls.data.randaug`, `normalize`, `random_erasing`) follow big_vision's and timm's
+definitions; image ops keep uint8 images uint8 until `value_range` or `normalize`, so the
+work done in grain's worker processes stays cheap.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Callable
+import io
+import math
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -29,6 +36,10 @@ _REGISTRY: dict[str, Callable[..., Op]] = {}
 
 class PreprocessError(UserError):
   """A preprocessing spec names an unknown op or gives it bad arguments."""
+
+
+class DecodeError(UserError):
+  """An example's image is not a readable image (corrupt or truncated bytes)."""
 
 
 def register(name: str):
@@ -116,13 +127,41 @@ def _resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarr
   return out.astype(img.dtype)
 
 
+def _check_method(method: str) -> None:
+  if method not in ("bilinear", "nearest", "bicubic", "area"):
+    raise TypeError(f"method must be bilinear, nearest, bicubic or area, not {method!r}")
+
+
 @register("resize")
 def _resize(size, width=None, key="image", method="bilinear") -> Op:
   """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area)."""
   hw = _hw(size, width)
-  if method not in ("bilinear", "nearest", "bicubic", "area"):
-    raise TypeError(f"method must be bilinear, nearest, bicubic or area, not {method!r}")
+  _check_method(method)
   return _on_key(key, lambda img, rng: _resize_image(img, hw, method))
+
+
+def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """(h, w) with the shorter side `size` and the aspect kept, the other side rounded.
+
+  `height * size / shorter` in float64, rounded half to even: the TF twin in
+  vitcls.serving does the same arithmetic, so both pick the same shape.
+  """
+  shorter = min(height, width)
+  return (round(height * size / shorter), round(width * size / shorter))
+
+
+@register("resize_small")
+def _resize_small(size, key="image", method="bilinear") -> Op:
+  """Resizes so the shorter side is `size`, keeping the aspect ratio (big_vision's op).
+
+  size: the shorter side after resizing; the longer is rounded to the nearest pixel.
+  method: bilinear|nearest|bicubic|area, as `resize` (big_vision defaults to area; the
+    usual ImageNet eval `resize_small(256)|central_crop(224)` is bilinear in timm).
+  """
+  size = int(size)
+  _check_method(method)
+  return _on_key(key, lambda img, rng: _resize_image(
+      img, resize_small_shape(img.shape[0], img.shape[1], size), method))
 
 
 @register("central_crop")
@@ -157,6 +196,63 @@ def _random_shift(max_px, key="image") -> Op:
   return _on_key(key, shift)
 
 
+INCEPTION_ASPECT = (3 / 4, 4 / 3)  # Width / height, as TF's and torchvision's defaults.
+CROP_TRIES = 10  # As torchvision's RandomResizedCrop and timm's RandomErasing.
+
+
+def _central_fallback(height: int, width: int) -> tuple[int, int, int, int]:
+  """The largest central crop whose aspect is within INCEPTION_ASPECT: (top, left, h, w)."""
+  lo, hi = INCEPTION_ASPECT
+  h, w = height, width
+  if width / height < lo:
+    h = min(height, round(width / lo))
+  elif width / height > hi:
+    w = min(width, round(height * hi))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def inception_crop_box(height: int, width: int, area_min: float, area_max: float,
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a random resized crop; see `inception_crop` for the sampling."""
+  log_lo, log_hi = math.log(INCEPTION_ASPECT[0]), math.log(INCEPTION_ASPECT[1])
+  for _ in range(CROP_TRIES):
+    area = height * width * rng.uniform(area_min, area_max) / 100
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < h <= height and 0 < w <= width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  return _central_fallback(height, width)
+
+
+@register("inception_crop")
+def _inception_crop(size=None, area_min=5, area_max=100, key="image",
+                    method="bilinear") -> Op:
+  """Random resized crop ("Inception crop"), the ImageNet training crop.
+
+  size: when given, the crop is resized to (size, size) with `method` (as `resize`).
+  area_min, area_max: the crop's area is uniform in [area_min, area_max] percent of the
+    image (big_vision's units; timm/torchvision's scale=(0.08, 1) is area_min=8).
+  The aspect ratio (width / height) is log-uniform in [3/4, 4/3], and the sides are
+  rounded to pixels, as torchvision's RandomResizedCrop; a box that does not fit is
+  redrawn, up to 10 tries, then the largest central crop with an aspect in [3/4, 4/3]
+  is taken (the whole image when its own aspect is in range). big_vision's op uses TF's
+  sample_distorted_bounding_box, which samples a little differently (a uniform aspect,
+  a uniform side rather than area, 100 tries, the whole image as fallback); the
+  log-uniform aspect treats tall and wide crops alike.
+  """
+  if not 0 < area_min <= area_max <= 100:
+    raise TypeError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, "
+                    f"{area_max}")
+  hw = None if size is None else _hw(size)
+  _check_method(method)
+  def crop(img, rng):
+    top, left, h, w = inception_crop_box(img.shape[0], img.shape[1], area_min, area_max,
+                                         rng)
+    out = img[top:top + h, left:left + w]
+    return out if hw is None else _resize_image(out, hw, method)
+  return _on_key(key, crop)
+
+
 @register("flip_lr")
 def _flip_lr(key="image") -> Op:
   """Flips left-right with probability 1/2."""
@@ -178,6 +274,97 @@ def _value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> 
                                         + vmin).astype(np.float32))
 
 
+def normalize_constants(mean, std) -> tuple[np.ndarray, np.ndarray]:
+  """`normalize`'s mean and std in [0, 1] -> float32 (mean * 255, std * 255), checked."""
+  mean255 = np.asarray(mean, np.float64) * 255
+  std255 = np.asarray(std, np.float64) * 255
+  if mean255.ndim > 1 or std255.ndim > 1:
+    raise TypeError(f"mean and std must be numbers or lists of numbers, got {mean}, {std}")
+  if not (std255 > 0).all():
+    raise TypeError(f"std must be positive, got {std}")
+  return mean255.astype(np.float32), std255.astype(np.float32)
+
+
+@register("normalize")
+def _normalize(mean, std, key="image") -> Op:
+  """Per-channel standardisation of pixels in [0, 255]: float32 (x/255 - mean) / std.
+
+  mean, std: numbers or one per channel, in the [0, 1] scale as published, e.g. ImageNet's
+    normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) (timm's IMAGENET_DEFAULT_MEAN
+    and _STD). The input is in [0, 255] (uint8), so the result equals timm's
+    Normalize after ToTensor and big_vision's vgg_value_range (which takes the same
+    constants times 255). Computed as (x - 255 mean) / (255 std) in float32, the
+    arithmetic of the TF twin in vitcls.serving.
+  """
+  mean255, std255 = normalize_constants(mean, std)
+  def norm(img, rng):
+    for name, v in (("mean", mean255), ("std", std255)):
+      if v.size not in (1, img.shape[-1]):
+        raise PreprocessError(f"normalize got {v.size} {name} values for "
+                              f"{img.shape[-1]}-channel images")
+    return (img.astype(np.float32) - mean255) / std255
+  return _on_key(key, norm)
+
+
+ERASE_MODES = ("pixel", "const")
+
+
+def erasing_box(height: int, width: int, area_min: float, area_max: float,
+                aspect_min: float, rng: np.random.Generator
+                ) -> Optional[tuple[int, int, int, int]]:
+  """(top, left, h, w) of a random erasing box, or None after 10 boxes that do not fit."""
+  log_lo, log_hi = math.log(aspect_min), math.log(1 / aspect_min)
+  for _ in range(CROP_TRIES):
+    area = height * width * rng.uniform(area_min, area_max)
+    aspect = math.exp(rng.uniform(log_lo, log_hi))  # height / width, as timm.
+    h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < h < height and 0 < w < width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  return None
+
+
+@register("random_erasing")
+def _random_erasing(p=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3, key="image",
+                    mode="pixel") -> Op:
+  """Random Erasing (Zhong et al. 2020) as DeiT trains with it (timm's RandomErasing).
+
+  Goes after `normalize` or `value_range`: it works on float images, where its noise
+  matches the normalised pixels.
+  p: the probability of erasing one rectangle (DeiT: 0.25).
+  area_min, area_max: its area is uniform in [area_min, area_max] of the image's.
+  aspect_min: its aspect (height / width) is log-uniform in [aspect_min, 1 / aspect_min].
+  Sides are rounded to pixels; a box not strictly inside the image is redrawn, up to 10
+  tries, after which nothing is erased (as timm).
+  mode: "pixel" fills with per-pixel standard-normal noise (DeiT's remode='pixel'),
+    "const" with zeros (timm's default mode).
+  """
+  if not 0 <= p <= 1:
+    raise TypeError(f"p must be in [0, 1], got {p}")
+  if not 0 < area_min <= area_max <= 1:
+    raise TypeError(f"need 0 < area_min <= area_max <= 1, got {area_min}, {area_max}")
+  if not 0 < aspect_min <= 1:
+    raise TypeError(f"aspect_min must be in (0, 1], got {aspect_min}")
+  if mode not in ERASE_MODES:
+    raise TypeError(f"mode must be {' or '.join(ERASE_MODES)}, not {mode!r}")
+  def erase(img, rng):
+    if not np.issubdtype(img.dtype, np.floating):
+      raise PreprocessError(f"random_erasing works on float images, got {img.dtype}: put "
+                            f"it after normalize or value_range")
+    if not rng.random() < p:
+      return img
+    box = erasing_box(img.shape[0], img.shape[1], area_min, area_max, aspect_min, rng)
+    if box is None:
+      return img
+    top, left, h, w = box
+    out = img.copy()
+    if mode == "pixel":
+      out[top:top + h, left:left + w] = rng.standard_normal((h, w) + img.shape[2:])
+    else:
+      out[top:top + h, left:left + w] = 0
+    return out
+  return _on_key(key, erase)
+
+
 @register("onehot")
 def _onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> Op:
   """Writes `key_result`: a float32 one-hot of the integer `key` (`on`/`off` values)."""
@@ -196,3 +383,97 @@ def _onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> Op:
 def _keep(*keys) -> Op:
   """Drops every key but `keys`."""
   return lambda example, rng: {k: example[k] for k in keys}
+
+
+@register("drop")
+def _drop(*keys) -> Op:
+  """Removes `keys` (absent ones are ignored, as big_vision's drop); see `keep`."""
+  return lambda example, rng: {k: v for k, v in example.items() if k not in keys}
+
+
+# Decoding.
+
+DECODE_MODES = {1: "L", 3: "RGB"}  # Channels -> the PIL mode decoded into.
+
+
+def _encoded(value) -> Optional[bytes]:
+  """The bytes of an encoded image, or None when `value` is already pixels."""
+  if isinstance(value, (bytes, bytearray, memoryview)):
+    return bytes(value)
+  if isinstance(value, np.ndarray):
+    if value.ndim == 0 and value.dtype.kind == "O":
+      return _encoded(value.item())
+    if value.dtype.kind == "S":  # tobytes, not item(): item() strips trailing NULs.
+      return value.tobytes()
+    if value.ndim == 1 and value.dtype == np.uint8:
+      return value.tobytes()
+  return None
+
+
+def _pil_image(value, key: str) -> Image.Image:
+  """A PIL image of encoded bytes (fully decoded) or of a uint8 HW/HWC array."""
+  data = _encoded(value)
+  if data is None:
+    arr = np.asarray(value)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (
+        arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4)):
+      raise DecodeError(f"decode('{key}') takes encoded image bytes or uint8 pixels "
+                        f"(HW or HWC, 1 to 4 channels), got {arr.dtype} of shape "
+                        f"{arr.shape}")
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+  img = None
+  try:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+  except Image.UnidentifiedImageError as e:
+    raise DecodeError(f"cannot decode '{key}': its {len(data)} bytes are not an image "
+                      f"format PIL reads (e.g. PNG, JPEG)") from e
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    what = f"{len(data)} bytes"
+    if img is not None:
+      what = f"{img.format} image of {what}"
+    reason = " ".join(str(e).split()) or type(e).__name__  # One line, whatever PIL says.
+    raise DecodeError(f"cannot decode '{key}' ({what}): {reason}") from e
+  return img
+
+
+def _to_mode(img: Image.Image, mode: str) -> np.ndarray:
+  """uint8 pixels of `img` in PIL `mode` (L or RGB); alpha is dropped, as TF's decode."""
+  if img.mode.startswith("I"):  # 16-bit grey PNGs: keep the high byte, as libpng's strip.
+    img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255)
+                          .astype(np.uint8))
+  elif img.mode == "P":  # A palette, maybe with a transparent entry: resolve it first.
+    img = img.convert("RGBA")
+  elif img.mode not in ("1", "L", "LA", "RGB", "RGBA"):  # CMYK, YCbCr, F, ...
+    img = img.convert("RGB")
+  return np.asarray(img.convert(mode))
+
+
+@register("decode")
+def _decode(key="image", channels=3) -> Op:
+  """Decodes an encoded image (PNG, JPEG, ... as PIL reads) to uint8 HWC pixels.
+
+  For TFDS images read with decoding skipped (`tfds.decode.SkipDecoding()`), so that
+  decoding happens here, in grain's workers, alongside the other ops.
+  channels: 3 for RGB (grey repeated, alpha dropped, palettes resolved) or 1 for grey
+    (PIL's ITU-R 601 luma). 16-bit grey keeps its high byte.
+  A uint8 array (HW or HWC) is taken as already decoded and only converted to
+  `channels`; corrupt bytes raise DecodeError, a UserError, in one line.
+  """
+  if channels not in DECODE_MODES:
+    raise TypeError(f"channels must be 1 or 3, got {channels!r}")
+  mode = DECODE_MODES[channels]
+  def op(example, rng):
+    value = example[key]
+    if (isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3
+        and value.shape[-1] == channels):
+      return example  # Already decoded, with the right channels.
+    img = _to_mode(_pil_image(value, key), mode)
+    example[key] = img[..., None] if img.ndim == 2 else img
+    return example
+  return op
+
+
+# Registers `randaug`; imported last since it uses `register` from this module.
+# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
+from vitcls.data import randaug as _randaug  # noqa: E402,F401

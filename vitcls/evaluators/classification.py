@@ -37,7 +37,7 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count())
     self.batch_sharding = batch_sharding
     self.input = train_config.input
-    self._step = jax.jit(steps.make_eval_step(model))
+    self._step = jax.jit(steps.make_eval_step(model, train_config.loss))
 
   def run(self, params) -> dict[str, float]:
     totals = None

@@ -1,0 +1,110 @@
+"""Per-example classification losses, chosen by name from the config.
+
+Why a module: the train step should not care which loss a run uses, and class
+weights (for imbalanced data) are resolved once on the host, not in the step.
+Every loss maps (logits [B, K], labels [B, K]) -> [B] in float32; the step takes
+the mean over the batch. Labels may be one-hot, soft (mixup) or multi-hot.
+
+Label smoothing is y * (1 - ls) + ls / K for both losses: for softmax it is the
+usual one; for sigmoid it equals timm's BinaryCrossEntropy (off = ls / K,
+on = 1 - ls + ls / K). Class weights w [K] multiply each class's term.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vitcls.configs import ConfigError
+
+
+def _smooth(labels, label_smoothing: float):
+  labels = labels.astype(jnp.float32)
+  if label_smoothing:
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / labels.shape[-1]
+  return labels
+
+
+def softmax_xent(logits, labels, *, label_smoothing=0.0, class_weights=None):
+  """Per-example -sum_c w_c y_c log softmax(logits)_c, y the smoothed labels."""
+  labels = _smooth(labels, label_smoothing)
+  if class_weights is not None:
+    labels = labels * jnp.asarray(class_weights, jnp.float32)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+
+
+def sigmoid_xent(logits, labels, *, label_smoothing=0.0, class_weights=None):
+  """Per-example sum over classes of w_c * binary cross-entropy (multi-label).
+
+  Summed, not averaged, over classes, like big_vision's `utils.sigmoid_xent`
+  (which then means over the batch); log_sigmoid keeps it finite for any logit.
+  """
+  logits = logits.astype(jnp.float32)
+  labels = _smooth(labels, label_smoothing)
+  nll = -(labels * jax.nn.log_sigmoid(logits)
+          + (1.0 - labels) * jax.nn.log_sigmoid(-logits))
+  if class_weights is not None:
+    nll = nll * jnp.asarray(class_weights, jnp.float32)
+  return jnp.sum(nll, axis=-1)
+
+
+_LOSSES = {
+    "softmax_xent": softmax_xent,
+    "sigmoid_xent": sigmoid_xent,
+}
+
+
+def get(name: str):
+  """The loss function called `name`."""
+  try:
+    return _LOSSES[name]
+  except (KeyError, TypeError):
+    raise ConfigError(f"unknown loss '{name}': use one of "
+                      f"{', '.join(_LOSSES)}") from None
+
+
+def balanced_class_weights(counts) -> np.ndarray:
+  """n / (k * n_c) per class: every class then weighs n / k in total (sum_c n_c w_c = n)."""
+  counts = np.asarray(counts, np.float64)
+  if counts.ndim != 1 or counts.size == 0:
+    raise ConfigError(f"class counts must be a non-empty list, not shape {counts.shape}")
+  empty = np.flatnonzero(counts <= 0)
+  if empty.size:
+    raise ConfigError(f"class {int(empty[0])} has no examples ({counts.size} classes, "
+                      f"{empty.size} empty): balanced class weights are undefined")
+  return (counts.sum() / (counts.size * counts)).astype(np.float32)
+
+
+def resolve_class_weights(spec, counts_fn, num_classes: int):
+  """None, a float32 [num_classes] array of weights, from the config's `spec`.
+
+  spec: None; "balanced" (calls `counts_fn()` for the per-class label counts, and
+  only then: it may scan the dataset); or a list/tuple of num_classes numbers.
+  """
+  if spec is None:
+    return None
+  if isinstance(spec, str):
+    if spec != "balanced":
+      raise ConfigError(f"class_weights '{spec}' is unknown: use 'balanced', a list of "
+                        f"{num_classes} numbers, or None")
+    weights = balanced_class_weights(counts_fn())
+    if weights.size != num_classes:
+      raise ConfigError(f"class counts have {weights.size} classes but num_classes is "
+                        f"{num_classes}")
+    return weights
+  if isinstance(spec, (list, tuple)):
+    ok = all(isinstance(w, Real) and not isinstance(w, bool) and math.isfinite(w)
+             and w >= 0 for w in spec)
+    if not ok:
+      raise ConfigError(f"class_weights {list(spec)} must all be finite numbers >= 0")
+    if len(spec) != num_classes:
+      raise ConfigError(f"class_weights has {len(spec)} entries but num_classes is "
+                        f"{num_classes}")
+    return np.asarray(spec, np.float32)
+  raise ConfigError(f"class_weights must be None, 'balanced' or a list of {num_classes} "
+                    f"numbers, not {spec!r}")
