@@ -5,7 +5,9 @@ AdamW (lr 3e-3, 100 warmup steps then cosine), label smoothing 0.1, batch 128 an
 2-pixel shifts, measured in vitcls on 2 CPU cores: with weight decay 1e-4 and no
 stochastic depth it fits the 4,000 training digits completely and reaches 97.0% test
 top-1 after 2,000 steps; weight decay 0.05 and stochastic depth 0.1 (below) reach 97.8%
-in 4 min 42 s. The acceptance bar of this default run is 97%.
+in 4 min 42 s. The acceptance bar of this default run is 97%. Augmentation, measured
+the same way (2,000 steps): without the random shifts 94.5%; with them plus mixup 0.2 and
+CutMix 1.0, 97.2% (shifts alone: 97.7% on a second machine), so mixing stays off here.
 
 Arguments (`--config=experiments/mnist5k_vit.py:steps=500,runlocal=True`):
   steps: training steps.

@@ -209,3 +209,31 @@ def test_each_eval_runs_on_its_own_schedule(tmp_path):
   assert [r["step"] for r in rows if "test/top1" in r] == [2, 4, 6]
   assert [r["step"] for r in rows if "train/top1" in r] == [5, 6]  # 6: the end of the run.
   assert final["train/count"] == 1438 and final["test/count"] == 359
+
+
+def test_recipe_fields_reach_the_run_and_bad_values_are_one_line_errors(tmp_path):
+  """class_weights='balanced' from the split's counts; sigmoid loss, balanced sampling,
+  EMA and accumulation train end to end; impossible values are caught before building."""
+  from vitcls import build, configs, train
+  from vitcls.data import sources
+  digits = os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")
+  config = configs.resolve(configs.load_experiment(digits), [
+      "class_weights=balanced", "input.balanced_sampling=True", "loss=sigmoid_xent",
+      "ema_decay=0.9", "grad_accum_steps=2", "mixup.p=0.2"])
+  counts = np.bincount(np.array([e["label"] for e in sources.get_source("digits", "train")]))
+  expected = counts.sum() / (10 * counts)
+  options = build.step_options(config, num_devices=1)
+  np.testing.assert_allclose(options.class_weights, expected, rtol=1e-6)
+  assert options.loss == "sigmoid_xent" and options.grad_accum_steps == 2
+  final = train.train(config, str(tmp_path))
+  assert {"test/top1", "test_ema/top1"} <= set(final)
+  for override, message in [
+      ("grad_accum_steps=3", "grad_accum_steps 3 must be a positive integer dividing"),
+      ("ema_decay=1.0", "ema_decay must be in [0, 1)"),
+      ("mixup.alpha=-1.0", "mixup"),
+      ("loss=hinge", "hinge"),
+      ("class_weights=[1.0, 2.0]", "class_weights")]:
+    bad = configs.resolve(configs.load_experiment(digits), [override])
+    with pytest.raises(configs.ConfigError) as info:
+      build.step_options(bad, num_devices=1)
+    assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
