@@ -45,8 +45,9 @@ class NoCheckpointError(UserError):
   """A workdir named as a checkpoint holds no complete checkpoint."""
 
 
-def load_params(workdir: str, step: int | None = None) -> dict:
-  """The parameters of a workdir's checkpoint (the latest by default) as NumPy arrays.
+def load_params(workdir: str, step: int | None = None, part: str = "params") -> dict:
+  """The parameters (or `part`: "ema") of a workdir's checkpoint (the latest by default),
+  as NumPy arrays; None when the checkpoint has no such part (EMA off).
 
   Reads the whole saved state onto the host without knowing the config that wrote it (the
   tree comes from the checkpoint's metadata), then keeps `params`: what model import,
@@ -71,7 +72,19 @@ def load_params(workdir: str, step: int | None = None) -> dict:
   restored = checkpointer.restore(path, target)
   checkpointer.close()
   manager.close()
-  return jax.tree_util.tree_map(np.asarray, dict(restored["params"]))
+  if restored.get(part) is None:
+    return None
+  return jax.tree_util.tree_map(np.asarray, dict(restored[part]))
+
+
+def latest_complete_step(workdir: str) -> int:
+  """The newest complete checkpoint step of `workdir`, or one clear error."""
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  steps = ocp.CheckpointManager(directory).all_steps() if os.path.isdir(directory) else []
+  if not steps:
+    raise NoCheckpointError(f"no checkpoint in workdir '{workdir}': train there first, or "
+                            f"pass an .npz file")
+  return max(steps)
 
 
 def _host_sharding():

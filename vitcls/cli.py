@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-_COMMANDS = {"train": "vitcls.train", "export": "vitcls.export"}
+_COMMANDS = {"train": "vitcls.train", "evaluate": "vitcls.evaluate",
+             "predict": "vitcls.predict", "export": "vitcls.export"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -273,14 +273,14 @@ def total_steps(config: ConfigDict, num_train_examples: int) -> int:
   return int(steps)
 
 
-def load_workdir_config(workdir: str) -> ConfigDict:
-  """The resolved config a run saved in `workdir/config.json`."""
+def load_workdir_config(workdir: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """The resolved config a run saved in `workdir/config.json`, with `KEY=VALUE` overrides."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"'{workdir}' is not a vitcls workdir (no config.json): pass the "
                       f"--workdir of a training run")
   with open(path) as f:
-    return resolve(ConfigDict(json.load(f)))
+    return resolve(ConfigDict(json.load(f)), overrides)
 
 
 def to_json(config: ConfigDict) -> str:

@@ -101,6 +101,8 @@ def train(config, workdir: str) -> dict[str, float]:
       for suffix, params in weights.items():
         for key, value in evals[name].run(params).items():
           results[f"{name}{suffix}/{key}"] = value
+        if jax.process_index() == 0:  # The latest arrays behind the report's plots.
+          report.save_artifacts(workdir, name + suffix, getattr(evals[name], "artifacts", {}))
     if results:
       writer.write_scalars(step, results)
       logging.info("Eval at step %d: %s", step,

@@ -1,54 +1,65 @@
-"""Top-1 accuracy and mean cross-entropy over a whole split, counted exactly.
+"""Top-1/top-5, loss, per-class and balanced accuracy, confusion matrix, group fairness.
 
-Every example of the split is seen once: the last batch is padded and masked, so the
-numbers do not depend on the batch size or the number of processes.
+Every example of the split is seen once (the last batch is padded and masked), and the
+metrics are computed on the host from the exact per-example logits, so they do not
+depend on the batch size or the number of devices and processes. With `slice_by`, the
+same accuracy is reported per value of that dataset feature, with the worst group's: the
+usual measure of how unevenly a model serves the groups in its data.
 """
 
 from __future__ import annotations
 
-import jax
+import numpy as np
 
-from vitcls import steps
+from vitcls import losses, metrics
 from vitcls.configs import ConfigDict
-from vitcls.data import pipeline, preprocess, sources
+from vitcls.evaluators import _common
 
 
 def defaults() -> ConfigDict:
   return ConfigDict({
       "type": "classification",
-      "data": "",  # TFDS name; empty: the training dataset.
+      "data": "",  # TFDS name or folder:PATH; empty: the training dataset.
       "split": "test",
       "pp": "value_range(-1,1)|onehot(10)",
       "batch_size": 500,
       "every": 500,  # Steps between runs; it also runs at the end of training.
+      "slice_by": "",  # A dataset feature (kept by the pp) to report accuracy per value of.
   })
 
 
 class Evaluator:
-  """Compiles the eval step once; `run(params)` returns {'top1', 'loss', 'count'}."""
+  """`run(params)` -> scalars; `artifacts` then holds the confusion matrix and per-class
+  accuracy for the report's plots."""
 
-  def __init__(self, config, *, model, train_config, mesh, batch_sharding):
-    name = config.data or train_config.input.data.name
-    self.source = sources.get_source(name, config.split, train_config.input.data_dir or None)
-    # Rounded up to a multiple of the devices; the extra rows are masked padding.
-    global_batch = -(-config.batch_size // mesh.size) * mesh.size
-    self.dataset = pipeline.eval_dataset(
-        self.source, preprocess.parse(config.pp), global_batch=global_batch,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    self.batch_sharding = batch_sharding
-    self.input = train_config.input
-    self._step = jax.jit(steps.make_eval_step(model, train_config.loss))
+  def __init__(self, config, **context):
+    train_config = context["train_config"]
+    self.inference = _common.factory(config, **context)(
+        config.split, extra_keys=(config.slice_by,) if config.slice_by else ())
+    self.config = config
+    self.loss = losses.get(train_config.loss)
+    self.num_classes = train_config.num_classes
+    self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
-    totals = None
-    batches = pipeline.iterate(self.dataset, self.batch_sharding,
-                               num_threads=self.input.num_threads,
-                               prefetch=self.input.prefetch, device_prefetch=1)
-    for batch in batches:
-      out = self._step(params, batch)
-      totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b,
-                                                                  totals, out)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {"top1": float(totals["correct"]) / count, "loss": float(totals["loss"]) / count,
-            "count": count}
+    out = self.inference.run(params)
+    logits, labels = out["logits"], _common.class_labels(out["labels"])
+    confusion = metrics.confusion_matrix(np.argmax(logits, -1), labels, logits.shape[-1])
+    per_class = metrics.per_class_accuracy(confusion)
+    results = {
+        "top1": metrics.topk_accuracy(logits, labels, 1),
+        "top5": metrics.topk_accuracy(logits, labels, min(5, logits.shape[-1])),
+        "loss": float(np.mean(self.loss(logits, out["labels"]))),
+        "balanced_accuracy": metrics.balanced_accuracy(confusion),
+        "worst_class_accuracy": metrics.worst_class_accuracy(confusion),
+        "count": float(len(labels)),
+    }
+    self.artifacts = {"confusion": confusion, "per_class_accuracy": per_class}
+    if self.config.slice_by:
+      groups = metrics.group_metrics(logits, labels, out[self.config.slice_by])
+      for key, value in groups.items():
+        if isinstance(value, dict):
+          results[f"group_{key}/top1"] = value["top1"]
+        else:
+          results[key] = value
+    return results

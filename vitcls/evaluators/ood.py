@@ -1,0 +1,82 @@
+"""Out-of-distribution detection: can the model tell it is looking at something new?
+
+The in-distribution split and an OOD dataset are scored four ways (higher = more OOD):
+maximum softmax probability (Hendrycks & Gimpel 2017), energy (logsumexp of the logits,
+Liu et al. 2020), and Mahalanobis and relative Mahalanobis distance (Lee et al. 2018,
+Ren et al. 2021) on pre-logit features, with class means and a tied covariance fitted on
+`fit_examples` training examples. For each score: AUROC, AUPR (OOD positive) and the
+false-positive rate on in-distribution data at 95% true-positive rate on OOD data.
+`threshold_<score>` is the score below which 95% of in-distribution examples fall, the
+cut prediction uses to flag "I don't know".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vitcls import metrics
+from vitcls.configs import ConfigDict, ConfigError
+from vitcls.evaluators import _common
+
+
+def defaults() -> ConfigDict:
+  return ConfigDict({
+      "type": "ood",
+      "data": "",  # In-distribution dataset; empty: the training dataset.
+      "split": "test",
+      "pp": "value_range(-1,1)|onehot(10)",
+      "ood_data": "",  # Required: the OOD dataset (TFDS name or folder:PATH).
+      "ood_split": "test",
+      "ood_pp": "",  # Empty: `pp`. Must produce the model's input size and `labels`.
+      "fit_split": "train",  # Where the Mahalanobis class statistics come from.
+      "fit_examples": 2000,
+      "batch_size": 500,
+      "every": 500,
+  })
+
+
+SCORES = ("msp", "energy", "mahalanobis", "relative_mahalanobis")
+
+
+class Evaluator:
+  """`run(params)` -> `<score>/auroc`, `<score>/aupr`, `<score>/fpr95`, thresholds."""
+
+  def __init__(self, config, **context):
+    if not config.ood_data:
+      raise ConfigError("evals: an 'ood' evaluator needs ood_data (a TFDS name or "
+                        "folder:PATH of images unlike the training data)")
+    make = _common.factory(config, **context)
+    self.inside = make(config.split)
+    self.outside = make(config.ood_split, name=config.ood_data,
+                        pp=config.ood_pp or config.pp)
+    self.fit = make(config.fit_split, max_examples=config.fit_examples)
+    self.num_classes = context["train_config"].num_classes
+    self.artifacts: dict[str, np.ndarray] = {}
+
+  def scores(self, params) -> tuple[dict, dict]:
+    """Per-example scores of each kind for the in- and out-of-distribution sets."""
+    fit = self.fit.run(params)
+    gaussian = metrics.fit_mahalanobis(fit["pre_logits"], _common.class_labels(fit["labels"]),
+                                       self.num_classes)
+    def score(out):
+      return {"msp": metrics.msp_score(out["logits"]),
+              "energy": metrics.energy_score(out["logits"]),
+              "mahalanobis": metrics.mahalanobis_score(gaussian, out["pre_logits"]),
+              "relative_mahalanobis": metrics.relative_mahalanobis_score(
+                  gaussian, out["pre_logits"])}
+    return score(self.inside.run(params)), score(self.outside.run(params))
+
+  def run(self, params) -> dict[str, float]:
+    inside, outside = self.scores(params)
+    results = {}
+    for kind in SCORES:
+      s_in, s_out = inside[kind], outside[kind]
+      results[f"{kind}/auroc"] = metrics.auroc(s_in, s_out)
+      results[f"{kind}/aupr"] = metrics.aupr(s_in, s_out)
+      results[f"{kind}/fpr95"] = metrics.fpr_at_tpr(s_in, s_out, 0.95)
+      results[f"{kind}/threshold"] = float(metrics.threshold_at_tpr(s_in, 0.95))
+      self.artifacts[f"in_{kind}"] = s_in
+      self.artifacts[f"out_{kind}"] = s_out
+    results["count_in"] = float(len(inside["msp"]))
+    results["count_out"] = float(len(outside["msp"]))
+    return results

@@ -1,0 +1,168 @@
+"""`python -m vitcls.predict --workdir=DIR --input=FILE_OR_FOLDER --output=preds.csv`.
+
+Classifies image files with a workdir's checkpoint and writes one CSV row per file: its
+path, the top-k labels (names where the dataset has them) with their probabilities, an
+OOD score (the negative maximum softmax probability) and an "I don't know" flag when that
+score is above the threshold chosen on in-distribution validation data: the ood
+evaluator's `msp/threshold` when the run has one, else the score below which 95% of the
+first evaluator's split falls. A file that cannot be read gets a row with its error; the
+run never stops for one file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+
+from vitcls import checkpoint, configs, evaluators, export, metrics, models, report, sharding
+from vitcls.data import preprocess
+from vitcls.errors import UserError
+
+FLAGS = flags.FLAGS
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+
+
+def _define_flags() -> None:
+  """Defined when the CLI starts, not on import: other CLIs define --workdir too."""
+  if "workdir" not in FLAGS:
+    flags.DEFINE_string("workdir", None, "A vitcls workdir with checkpoints.")
+  if "step" not in FLAGS:
+    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_string("input", None, "An image file, or a folder searched recursively.")
+  flags.DEFINE_string("output", "predictions.csv", "The CSV to write.")
+  flags.DEFINE_integer("topk", 5, "Labels per row.")
+  flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+
+
+def list_images(path: str) -> list[str]:
+  """`path` itself, or every file under the folder `path` with an image suffix, sorted."""
+  if os.path.isfile(path):
+    return [path]
+  if not os.path.isdir(path):
+    raise UserError(f"--input '{path}' is neither a file nor a folder")
+  files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                 for name in names if name.lower().endswith(IMAGE_SUFFIXES))
+  if not files:
+    raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under '{path}'")
+  return files
+
+
+def load_image(path: str, pp: preprocess.Preprocess, image_shape) -> np.ndarray:
+  """A file -> the model's float input: decode, the eval pp, a final resize if needed."""
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data:
+    raise UserError("empty file")
+  example = preprocess.parse(f"decode(channels={image_shape[-1]})")(
+      {"image": data, "label": 0}, None)
+  image = pp(example, np.random.default_rng(0))["image"]
+  if image.shape != tuple(image_shape):
+    image = preprocess._resize_image(  # pylint: disable=protected-access
+        np.asarray(image, np.float32), tuple(image_shape[:2]), "bilinear")
+  return np.asarray(image, np.float32)
+
+
+def ood_threshold(workdir: str, config, model, params, mesh) -> float:
+  """The run's chosen MSP-score threshold; computed on the first eval split if none."""
+  finals = report.final_metrics(workdir, report.read_metrics(workdir))
+  chosen = [v for k, (_, v) in sorted(finals.items()) if k.endswith("/msp/threshold")]
+  if chosen:
+    return float(chosen[0])
+  from vitcls.evaluators import _common  # pylint: disable=g-import-not-at-top
+  name, raw = next(iter(config.evals.items()))
+  cfg = evaluators.resolve(name, raw)
+  data, split, pp = _common.dataset_config(cfg, config)
+  inference = _common.Inference(model=model, name=data, split=split, pp=pp,
+                                batch_size=cfg.batch_size, train_config=config, mesh=mesh,
+                                batch_sharding=sharding.batch_sharding(mesh))
+  scores = metrics.msp_score(inference.run(params)["logits"])
+  return float(metrics.threshold_at_tpr(scores, 0.95))
+
+
+def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
+            batch_size: int = 64) -> dict[str, int]:
+  """Writes the predictions CSV; returns {'predicted': n, 'failed': m, 'flagged': k}."""
+  config = configs.load_workdir_config(workdir)
+  model = models.build(config.model_name, config.num_classes, config.model)
+  params = checkpoint.load_params(workdir, step)
+  mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
+  pp_spec, image_shape, names = export.serving_inputs(config)
+  pp = preprocess.parse(pp_spec)
+  threshold = ood_threshold(workdir, config, model, params, mesh)
+  forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))
+  files = list_images(inputs)
+  topk = max(1, min(topk, config.num_classes))
+  rows, counts = [], {"predicted": 0, "failed": 0, "flagged": 0}
+  for start in range(0, len(files), batch_size):
+    chunk, images, errors = files[start:start + batch_size], [], {}
+    for path in chunk:
+      try:
+        images.append(load_image(path, pp, image_shape))
+      except (OSError, UserError, ValueError) as e:
+        errors[path] = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if images:
+      batch = np.stack(images + [images[0]] * (batch_size - len(images)))  # One shape: one compile.
+      probs = np.asarray(forward(params, batch))[:len(images)]
+    good = iter(range(len(images)))
+    for path in chunk:
+      if path in errors:
+        rows.append({"path": path, "error": errors[path]})
+        counts["failed"] += 1
+        continue
+      p = probs[next(good)]
+      order = np.argsort(-p)[:topk]
+      score = float(-p.max())
+      row = {"path": path, "ood_score": f"{score:.6f}", "ood_flag": int(score > threshold),
+             "error": ""}
+      for rank, c in enumerate(order, 1):
+        row[f"label_{rank}"] = names[c] if names else str(c)
+        row[f"prob_{rank}"] = f"{p[c]:.6f}"
+      rows.append(row)
+      counts["predicted"] += 1
+      counts["flagged"] += row["ood_flag"]
+  columns = ["path"] + [f"{k}_{r}" for r in range(1, topk + 1) for k in ("label", "prob")]
+  columns += ["ood_score", "ood_flag", "error"]
+  directory = os.path.dirname(os.path.abspath(output))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp")
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, output)
+  if counts["failed"]:
+    bad = [r["path"] for r in rows if r.get("error")][:3]
+    logging.warning("Could not read %d of %d files (e.g. %s); their rows hold the error.",
+                    counts["failed"], len(files), ", ".join(bad))
+  return counts
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    if not FLAGS.workdir or not FLAGS.input:
+      raise UserError("both --workdir=DIR and --input=FILE_OR_FOLDER are required")
+    counts = predict(FLAGS.workdir, FLAGS.input, FLAGS.output, topk=FLAGS.topk,
+                     step=FLAGS.step, batch_size=FLAGS.batch_size)
+  except UserError as e:
+    print(f"vitcls: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"Wrote {FLAGS.output}: {counts['predicted']} predicted, {counts['flagged']} "
+        f"flagged as unlike the training data, {counts['failed']} unreadable.")
+
+
+def run() -> None:
+  """Entry point shared by `python -m vitcls.predict` and `vitcls predict`."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
