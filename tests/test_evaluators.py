@@ -134,3 +134,51 @@ def test_predict_writes_a_row_per_file_with_errors_and_ood_flags(evaluated, tmp_
     assert probs == sorted(probs, reverse=True) and row["label_1"] in "0123456789"
     assert float(row["ood_score"]) == pytest.approx(-probs[0], abs=1e-6)
     assert int(row["ood_flag"]) == int(-probs[0] > final["ood/msp/threshold"])
+
+
+def test_a_folder_with_broken_files_trains_evaluates_and_predicts_through_the_clis(tmp_path):
+  """folder:PATH with a corrupt JPEG, a text file named .png and a zero-byte file."""
+  from vitcls.data import sources
+  root = tmp_path / "images"
+  digits = {split: sources.get_source("digits", split) for split in ("train", "test")}
+  for split, per_class in (("train", 12), ("test", 4)):
+    seen = {c: 0 for c in range(3)}
+    for i in range(len(digits[split])):
+      example = digits[split][i]
+      label = int(example["label"])
+      if label < 3 and seen[label] < per_class:
+        folder = root / split / f"digit_{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.repeat(example["image"], 3, -1)).save(folder / f"{i}.png")
+        seen[label] += 1
+  broken = root / "train" / "digit_0"
+  (broken / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 40)
+  (broken / "notes.png").write_text("this is not an image")
+  (broken / "empty.jpg").write_bytes(b"")
+  pp = "value_range(-1,1)|onehot(3)"
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+  common = [f"--workdir={workdir}"]
+  trained = subprocess.run(
+      [sys.executable, "-m", "vitcls.train", f"--config={DIGITS}", *common,
+       f"--config.input.data.name=folder:{root}", "--config.num_classes=3",
+       f"--config.input.pp={pp}", f"--config.evals.test.pp={pp}",
+       "--config.evals.test.batch_size=16"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert "skipping 3 of 39 image files" in trained.stderr
+  assert "Final eval: " in trained.stdout and "test/count=12.0000" in trained.stdout
+
+  results = evaluate.evaluate(workdir)
+  assert results["test/count"] == 12
+
+  predicted = subprocess.run(
+      [sys.executable, "-m", "vitcls.predict", *common, f"--input={root / 'train'}",
+       f"--output={tmp_path / 'preds.csv'}", "--topk=2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert predicted.returncode == 0, predicted.stderr[-3000:]
+  assert "36 predicted" in predicted.stdout and "3 unreadable" in predicted.stdout
+  rows = (tmp_path / "preds.csv").read_text().splitlines()
+  assert len(rows) == 40 and rows[0].startswith("path,label_1,prob_1,label_2,prob_2")
+  assert any(r.startswith(str(broken / "notes.png")) and r.split(",")[-1] for r in rows)
+  assert "digit_1" in rows[1] or "digit_0" in rows[1]  # Label names from the folders.

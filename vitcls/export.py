@@ -53,12 +53,10 @@ def serving_inputs(config):
                               "preprocessing from the first evaluator's pp")
   name, raw = next(iter(config.evals.items()))
   eval_config = evaluators.resolve(name, raw)
-  source = sources.get_source(eval_config.data or config.input.data.name, eval_config.split,
-                              config.input.data_dir or None)
+  name, data_dir = eval_config.data or config.input.data.name, config.input.data_dir or None
+  source = sources.get_source(name, eval_config.split, data_dir)
   example = preprocess.parse(eval_config.pp)(source[0], np.random.default_rng(0))
-  features = getattr(getattr(source, "dataset_info", None), "features", {})
-  label = features["label"] if "label" in features else None
-  names = list(label.names) if getattr(label, "names", None) else None
+  names = sources.label_names(name, eval_config.split, data_dir)
   return eval_config.pp, tuple(np.shape(example["image"])), names
 
 

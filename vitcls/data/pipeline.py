@@ -175,10 +175,14 @@ def eval_dataset(source, pp: preprocess.Preprocess, *, global_batch: int,
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Assembles each process's local arrays into global arrays on `sharding`."""
+  """Assembles each process's local arrays into global arrays on `sharding`.
+
+  Non-numeric features (file paths, text) stay on the host: devices hold numbers only.
+  """
+  numeric = {k: v for k, v in local_batch.items()
+             if np.asarray(v).dtype.kind in "biufc"}
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      local_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), numeric)
 
 
 def iterate(ds: grain.MapDataset, sharding, *, num_threads: int = 4, prefetch: int = 4,

@@ -379,6 +379,31 @@ def _onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> Op:
   return op
 
 
+@register("multihot")
+def _multihot(num_classes, key="labels", key_result="labels", on=1.0, off=0.0) -> Op:
+  """Writes `key_result`: a float32 multi-hot of the integer labels in `key`.
+
+  For multi-label data, where `key` holds the set of classes an example shows (a TFDS
+  Sequence(ClassLabel) decodes to a 1-D int array, maybe empty; a scalar counts as one
+  label). Duplicates count once. A label outside [0, num_classes) is an error.
+  """
+  num_classes = int(num_classes)
+  def op(example, rng):
+    labels = np.atleast_1d(np.asarray(example[key]))
+    if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
+      raise PreprocessError(f"multihot('{key}') takes a 1-D array of integer labels, got "
+                            f"{labels.dtype} of shape {labels.shape}")
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.size:
+      raise PreprocessError(f"label {int(outside[0])} is outside multihot({num_classes}): "
+                            f"give num_classes covering every label")
+    vec = np.full((num_classes,), off, np.float32)
+    vec[labels.astype(np.int64)] = on
+    example[key_result] = vec
+    return example
+  return op
+
+
 @register("keep")
 def _keep(*keys) -> Op:
   """Drops every key but `keys`."""

@@ -3,7 +3,9 @@
 `get_source("mnist5k", "train")` returns a `tfds.data_source` (len() and [i] give
 decoded NumPy examples). Embedded datasets are prepared on first use; any other TFDS
 name must already be prepared in the data dir, since nothing is downloaded at run time.
-`labels` / `label_counts` read a split's labels alone, leaving its images undecoded.
+`folder:PATH` names an image folder instead (see `vitcls.data.folder`; the data dir plays
+no part). `labels` / `label_counts` read a split's labels alone, leaving its images
+undecoded; `label_names` gives the class names.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 
 import numpy as np
 
-from vitcls.data import embedded
+from vitcls.data import embedded, folder
 from vitcls.errors import UserError
 
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
@@ -32,6 +34,10 @@ def data_dir(explicit: str | None = None) -> str:
   return os.path.expanduser(path)
 
 
+def _root(explicit: str | None) -> str:  # For functions whose `data_dir` argument hides it.
+  return data_dir(explicit)
+
+
 def prepare_embedded(name: str, root: str) -> None:
   """Builds an embedded dataset into `root` in ArrayRecord format if not there yet."""
   builder = embedded.BUILDERS[name](data_dir=root, file_format="array_record")
@@ -42,8 +48,8 @@ def prepare_embedded(name: str, root: str) -> None:
 def _hint(name: str, root: str) -> str:
   return (f"prepare it with `tfds build {name.split(':')[0]} --file_format=array_record "
           f"--data_dir={root}` (or point TFDS_DATA_DIR / config.input.data_dir at the "
-          f"folder that holds it); built-in offline datasets: "
-          f"{', '.join(sorted(embedded.BUILDERS))}")
+          f"folder that holds it), or give folder:PATH for a folder of images; built-in "
+          f"offline datasets: {', '.join(sorted(embedded.BUILDERS))}")
 
 
 def _builder(name: str, root: str):
@@ -75,7 +81,12 @@ def _open(name: str, split: str, root: str, decoders=None):
 
 
 def get_source(name: str, split: str, data_dir_path: str | None = None):
-  """Returns the random-access source for TFDS `name`/`split`, or one clear error."""
+  """Returns the random-access source for TFDS `name`/`split`, or one clear error.
+
+  `folder:PATH` gives a `folder.FolderSource` (its images checked as it opens).
+  """
+  if folder.is_folder(name):
+    return folder.open_source(folder.path_of(name), split)
   root = data_dir(data_dir_path)
   _builder(name, root)
   return _open(name, split, root)
@@ -115,14 +126,33 @@ def _is_integer_scalar(feature) -> bool:
     return False
 
 
-def _read_labels(name: str, split: str, data_dir_path: str | None, key: str):
-  """(labels by example index as int64, the label's TFDS feature)."""
-  root = data_dir(data_dir_path)
+def _folder_label_key(name: str, key: str) -> None:
+  if key != "label":
+    raise LabelFeatureError(f"image folder '{name}' has no feature '{key}' to use as the "
+                            f"label; its features are: image, label, path")
+
+
+def _label_feature(name: str, root: str, key: str):
+  """(the TFDS features of `name`, its feature `key`), or an error listing the features."""
   features = _builder(name, root).info.features
   if key not in features:
     raise LabelFeatureError(f"dataset '{name}' has no feature '{key}' to use as the "
                             f"label; its features are: {', '.join(sorted(features))}")
-  feature = features[key]
+  return features, features[key]
+
+
+def _read_labels(name: str, split: str, data_dir_path: str | None, key: str):
+  """(labels by example index as int64, the number of classes declared or None)."""
+  if folder.is_folder(name):
+    _folder_label_key(name, key)
+    source = folder.open_source(folder.path_of(name), split)
+    return source.labels(), len(source.label_names)
+  root = data_dir(data_dir_path)
+  features, feature = _label_feature(name, root, key)
+  if _is_class_sequence(feature):
+    raise LabelFeatureError(f"feature '{key}' of dataset '{name}' holds a set of labels per "
+                            f"example (multi-label): class-balanced sampling and class "
+                            f"weights need one class id per example; turn them off")
   if not _is_integer_scalar(feature):
     raise LabelFeatureError(f"feature '{key}' of dataset '{name}' is not one integer per "
                             f"example ({type(feature).__name__}): give the key of a "
@@ -133,7 +163,13 @@ def _read_labels(name: str, split: str, data_dir_path: str | None, key: str):
   for start in range(0, n, _LABEL_READ_CHUNK):
     indices = list(range(start, min(start + _LABEL_READ_CHUNK, n)))
     out[start:start + len(indices)] = [ex[key] for ex in source.__getitems__(indices)]
-  return out, feature
+  return out, getattr(feature, "num_classes", None)
+
+
+def _is_class_sequence(feature) -> bool:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return (isinstance(feature, tfds.features.Sequence)
+          and isinstance(feature.feature, tfds.features.ClassLabel))
 
 
 def labels(name: str, split: str, data_dir: str | None = None,
@@ -142,6 +178,8 @@ def labels(name: str, split: str, data_dir: str | None = None,
 
   Index i is the example `get_source(name, split, data_dir)[i]` returns, so the array
   can drive sampling over that source (see `pipeline.train_dataset(balanced_labels=)`).
+  A multi-label feature (a Sequence of ClassLabel, as mnist5k_pairs' `labels`) is a
+  `LabelFeatureError`: there is no one label per example to give.
   """
   return _read_labels(name, split, data_dir, key)[0]
 
@@ -150,12 +188,12 @@ def label_counts(name: str, split: str, data_dir: str | None = None,
                  key: str = "label", num_classes: int | None = None) -> np.ndarray:
   """Examples per class of `name`/`split` (int64, length num_classes), images undecoded.
 
-  `num_classes` defaults to the ClassLabel's, else to the largest label + 1, so a class
-  with no example in this split still gets its 0 whenever the dataset declares it.
+  `num_classes` defaults to the ClassLabel's (a folder's: its number of class folders),
+  else to the largest label + 1, so a class with no example in this split still gets its
+  0 whenever the dataset declares it.
   """
-  values, feature = _read_labels(name, split, data_dir, key)
+  values, declared = _read_labels(name, split, data_dir, key)
   if num_classes is None:
-    declared = getattr(feature, "num_classes", None)
     num_classes = declared if declared is not None else int(values.max(initial=-1)) + 1
   outside = values[(values < 0) | (values >= num_classes)]
   if outside.size:
@@ -163,3 +201,25 @@ def label_counts(name: str, split: str, data_dir: str | None = None,
                             f"label {int(outside[0])}, outside [0, {num_classes}): set "
                             f"num_classes to cover every label")
   return np.bincount(values, minlength=num_classes).astype(np.int64)
+
+
+def label_names(name: str, split: str = "train", data_dir: str | None = None,
+                key: str | None = None) -> list[str] | None:
+  """The class names of `name` in label order, or None when its label has none.
+
+  A folder's class-folder names; a TFDS ClassLabel's `names` (`key`, by default "label",
+  else "labels"; a Sequence of ClassLabel gives its ClassLabel's). Names are the same for
+  every split; `split` is opened for folders only, which checks it exists.
+  """
+  if folder.is_folder(name):
+    _folder_label_key(name, key or "label")
+    return list(folder.open_source(folder.path_of(name), split).label_names)
+  root = _root(data_dir)
+  if key is None:
+    features = _builder(name, root).info.features
+    key = "labels" if "label" not in features and "labels" in features else "label"
+  _, feature = _label_feature(name, root, key)
+  if _is_class_sequence(feature):
+    feature = feature.feature
+  names = getattr(feature, "names", None)
+  return list(names) if names else None

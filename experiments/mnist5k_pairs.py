@@ -1,0 +1,61 @@
+"""Multi-label: a small ViT names both digits of mnist5k_pairs (two digits side by side).
+
+Each 28x56 image shows two mnist5k digits; its target is the set of digits shown (one
+class when both are the same), as a multi-hot vector from `multihot(10)`, trained with a
+per-class sigmoid loss. Pairs are drawn within mnist5k's split (4,000 train / 1,000 test
+pairs), so test pairs never show a train digit. The model is mnist5k_vit's (4 blocks,
+width 128, patch 7: a 4x8 patch grid, twice mnist5k's tokens) with its optimiser, without
+label smoothing. Where the numbers come from: MEASURED_BELOW.
+
+Arguments (`--config=experiments/mnist5k_pairs.py:steps=300,runlocal=True`):
+  steps: training steps.
+  runlocal: shrink everything to a few seconds, for tests.
+"""
+
+from vitcls import configs
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, steps=1200, runlocal=False)
+  c = configs.defaults()
+  c.seed = 0
+
+  c.input.data.name = "mnist5k_pairs"
+  c.input.data.split = "train"
+  c.input.pp = "random_shift(2)|value_range(-1,1)|multihot(10)"
+  c.input.batch_size = 128
+  c.total_steps = arg.steps
+
+  c.model_name = "vit"
+  c.num_classes = 10
+  c.model = configs.ConfigDict(dict(
+      width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=7,
+      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.1))
+
+  c.loss = "sigmoid_xent"
+  c.optax_name = "adamw"
+  c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
+  c.lr = 3e-3
+  c.wd = 0.05
+  c.grad_clip_norm = 1.0
+  c.schedule.decay_type = "cosine"
+  c.schedule.warmup_steps = 100
+
+  c.evals.test = configs.ConfigDict(dict(
+      type="multilabel", split="test", pp="value_range(-1,1)|multihot(10)",
+      batch_size=500, every=400))
+
+  c.log_every = 50
+  c.checkpoint_every = 400
+  c.keep_checkpoints = 2
+
+  if arg.runlocal:
+    c.total_steps = min(arg.steps, 6)
+    c.input.batch_size = 16
+    c.model.width, c.model.depth, c.model.mlp_dim, c.model.num_heads = 32, 1, 64, 2
+    c.schedule.warmup_steps = 2
+    c.evals.test.batch_size = 250
+    c.evals.test.every = 3
+    c.log_every = 1
+    c.checkpoint_every = 3
+  return c
