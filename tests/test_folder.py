@@ -113,21 +113,18 @@ def test_flat_layout_split_is_seeded_stratified_and_disjoint(tmp_path):
   assert _ids(train) == sorted(_ids(train))
 
 
-def test_examples_decode_lazily_and_pickle(tmp_path):
+def test_examples_decode_lazily_and_pickle(tmp_path, monkeypatch):
   source = sources.get_source("folder:" + _flat(tmp_path), "train")
   opened = []
   real = folder._DECODE
   def spy(example, rng):
     opened.append(1)
     return real(example, rng)
-  folder._DECODE = spy
-  try:
-    copy = pickle.loads(pickle.dumps(source))
-    assert not opened and len(pickle.dumps(source)) < 5000  # Paths and ints only.
-    ex = copy[4]
-    assert len(opened) == 1
-  finally:
-    folder._DECODE = real
+  monkeypatch.setattr(folder, "_DECODE", spy)
+  copy = pickle.loads(pickle.dumps(source))
+  assert not opened and len(pickle.dumps(source)) < 5000  # Paths and ints only.
+  ex = copy[4]
+  assert len(opened) == 1
   np.testing.assert_array_equal(ex["image"], source[4]["image"])
   assert ex["path"] == source[4]["path"] and ex["label"] == source[4]["label"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO, losses, read_metrics, run_train, train_command
+from conftest import DEFAULT_EXPERIMENT, REPO, losses, read_metrics, run_train, train_command
 
 
 def _params(workdir, step, part="params"):
@@ -121,18 +121,29 @@ def test_data_parallel_over_8_devices_matches_1_device(tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.lrr=0.1", "unknown config key 'lrr' (did you mean 'lr'?)"),
-    ("--config.model.variant=X/16", "unknown ViT variant 'X/16'"),
-    ("--config.input.pp=random_shift(2)|sharpen(3)", "unknown pp op 'sharpen'"),
-    ("--config.input.data.name=imagenet_v9", "dataset 'imagenet_v9' is unknown to TFDS"),
-])
-def test_user_mistakes_give_one_clear_error_line(tmp_path, override, message):
-  proc = run_train(str(tmp_path / "bad"), override, check=False)
+def test_a_user_mistake_is_one_clear_error_line_from_the_cli(tmp_path):
+  proc = run_train(str(tmp_path / "bad"), "--config.lrr=0.1", check=False)
   assert proc.returncode == 2
   errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
-  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  assert "unknown config key 'lrr' (did you mean 'lr'?)" in errors[0]
   assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.variant=X/16", "unknown ViT variant 'X/16'"),
+    ("input.pp=random_shift(2)|sharpen(3)", "unknown pp op 'sharpen'"),
+    ("input.data.name=imagenet_v9", "dataset 'imagenet_v9' is unknown to TFDS"),
+])
+def test_user_mistakes_are_one_line_user_errors(tmp_path, override, message):
+  """In-process (the CLI prints any UserError as one line, tested above)."""
+  from vitcls import configs, train
+  from vitcls.errors import UserError
+  config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"),
+                           [override])
+  with pytest.raises(UserError) as info:
+    train.train(config, str(tmp_path / "bad"))
+  assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
