@@ -4,12 +4,21 @@ Each 28x56 image shows two mnist5k digits; its target is the set of digits shown
 class when both are the same), as a multi-hot vector from `multihot(10)`, trained with a
 per-class sigmoid loss. Pairs are drawn within mnist5k's split (4,000 train / 1,000 test
 pairs), so test pairs never show a train digit. The model is mnist5k_vit's (4 blocks,
-width 128, patch 7: a 4x8 patch grid, twice mnist5k's tokens) with its optimiser, without
-label smoothing. Where the numbers come from: measured in vitcls on 2 CPU cores, 1,200
-steps (11 min) reach test mAP 0.799 (0.590 at step 400, 0.767 at 800), micro F1 0.729,
-macro F1 0.734; per-label AP from 0.59 (digit 4) to 0.95 (digit 0). The training loss
-was still falling: this recipe underfits, and is the end-to-end check of the multi-label
-path rather than a tuned result.
+width 128, patch 7: a 4x8 patch grid, twice mnist5k's tokens) with its optimiser and
+regularisation (weight decay 0.05, stochastic depth 0.1), without label smoothing.
+
+Where the numbers come from: measured in vitcls on 2 CPU cores shared with other jobs
+(two runs, identical numbers; 8 to 11 min), 1,200 steps of 128 reach test mAP 0.799
+(0.590 at step 400, 0.767 at 800), micro F1 0.729, macro F1 0.734; per-label AP from
+0.59 (digit 4) to 0.95 (digit 0). The exact set of digits (sigmoid > 0.5) is right for
+27.5% of the pairs, and the two digits are the top-2 logits for 48.5% of the pairs of two
+different digits. The training loss was still falling (train loss about the test loss):
+naming two digits in one image is much harder for this small ViT than mnist5k's single
+digits (97%), and this recipe underfits; it is the end-to-end check of the multi-label
+path rather than a tuned result. Alternatives, measured the same way: without weight
+decay and stochastic depth, 1,500 steps: mAP 0.777. In 400-step runs (mAP; this recipe
+0.50): no regularisation 0.56; on top of that MAP pooling 0.54, lr 6e-3 0.55, a cls
+token 0.51, sincos2d position embeddings 0.41, no gradient clipping 0.36; lr 1e-3 0.46.
 
 Arguments (`--config=experiments/mnist5k_pairs.py:steps=300,runlocal=True`):
   steps: training steps.
@@ -20,7 +29,7 @@ from vitcls import configs
 
 
 def get_config(arg=None):
-  arg = configs.parse_arg(arg, steps=1500, runlocal=False)
+  arg = configs.parse_arg(arg, steps=1200, runlocal=False)
   c = configs.defaults()
   c.seed = 0
 
@@ -34,23 +43,23 @@ def get_config(arg=None):
   c.num_classes = 10
   c.model = configs.ConfigDict(dict(
       width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=7,
-      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.0))
+      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.1))
 
   c.loss = "sigmoid_xent"
   c.optax_name = "adamw"
   c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
   c.lr = 3e-3
-  c.wd = 1e-4
+  c.wd = 0.05
   c.grad_clip_norm = 1.0
   c.schedule.decay_type = "cosine"
   c.schedule.warmup_steps = 100
 
   c.evals.test = configs.ConfigDict(dict(
       type="multilabel", split="test", pp="value_range(-1,1)|multihot(10)",
-      batch_size=500, every=500))
+      batch_size=500, every=400))
 
   c.log_every = 50
-  c.checkpoint_every = 500
+  c.checkpoint_every = 400
   c.keep_checkpoints = 2
 
   if arg.runlocal:
