@@ -25,50 +25,24 @@ Arguments (`--config=experiments/mnist5k_pairs.py:steps=300,runlocal=True`):
   runlocal: shrink everything to a few seconds, for tests.
 """
 
+import os
+
 from vitcls import configs
+
+_SINGLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist5k_vit.py")
 
 
 def get_config(arg=None):
+  """mnist5k_vit's model, optimiser and schedule, on pairs, with a sigmoid loss."""
   arg = configs.parse_arg(arg, steps=1200, runlocal=False)
-  c = configs.defaults()
-  c.seed = 0
-
+  c = configs.load_experiment(f"{_SINGLE}:steps={arg.steps},runlocal={arg.runlocal}")
   c.input.data.name = "mnist5k_pairs"
-  c.input.data.split = "train"
   c.input.pp = "random_shift(2)|value_range(-1,1)|multihot(10)"
-  c.input.batch_size = 128
-  c.total_steps = arg.steps
-
-  c.model_name = "vit"
-  c.num_classes = 10
-  c.model = configs.ConfigDict(dict(
-      width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=7,
-      pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.1))
-
   c.loss = "sigmoid_xent"
-  c.optax_name = "adamw"
-  c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
-  c.lr = 3e-3
-  c.wd = 0.05
-  c.grad_clip_norm = 1.0
-  c.schedule.decay_type = "cosine"
-  c.schedule.warmup_steps = 100
-
-  c.evals.test = configs.ConfigDict(dict(
-      type="multilabel", split="test", pp="value_range(-1,1)|multihot(10)",
-      batch_size=500, every=400))
-
-  c.log_every = 50
-  c.checkpoint_every = 400
-  c.keep_checkpoints = 2
-
-  if arg.runlocal:
-    c.total_steps = min(arg.steps, 6)
-    c.input.batch_size = 16
-    c.model.width, c.model.depth, c.model.mlp_dim, c.model.num_heads = 32, 1, 64, 2
-    c.schedule.warmup_steps = 2
-    c.evals.test.batch_size = 250
-    c.evals.test.every = 3
-    c.log_every = 1
-    c.checkpoint_every = 3
+  c.label_smoothing = 0.0
+  c.evals.test.type = "multilabel"
+  c.evals.test.pp = "value_range(-1,1)|multihot(10)"
+  if not arg.runlocal:
+    c.evals.test.every = 400
+    c.checkpoint_every = 400
   return c

@@ -131,7 +131,7 @@ def test_predict_writes_a_row_per_file_with_errors_and_ood_flags(evaluated, tmp_
   for i in range(3):
     row = rows[f"digit{i}.png"]
     probs = [float(row[f"prob_{r}"]) for r in (1, 2, 3)]
-    assert probs == sorted(probs, reverse=True) and row["label_1"] in "0123456789"
+    assert probs == sorted(probs, reverse=True) and row["label_1"] in list("0123456789")
     assert float(row["ood_score"]) == pytest.approx(-probs[0], abs=1e-6)
     assert int(row["ood_flag"]) == int(-probs[0] > final["ood/msp/threshold"])
 

@@ -8,24 +8,17 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from vitcls import checkpoint
 from conftest import DEFAULT_EXPERIMENT, REPO, losses, read_metrics, run_train, train_command
 
 
 def _params(workdir, step, part="params"):
-  """The params (or `part`) of a checkpoint, onto this process's one device."""
-  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "default"))
-  checkpointer = ocp.StandardCheckpointer()
-  metadata = checkpointer.metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree_util.tree_map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(path, target)[part]
+  """The params (or EMA, `part="ema"`) of a checkpoint, as NumPy arrays on the host."""
+  _, params, ema = checkpoint.load_weights(workdir, step)
+  return {"params": params, "ema": ema}[part]
 
 
 def _leaves(tree, prefix=""):

@@ -45,25 +45,29 @@ class NoCheckpointError(UserError):
   """A workdir named as a checkpoint holds no complete checkpoint."""
 
 
-def load_params(workdir: str, step: int | None = None, part: str = "params") -> dict:
-  """The parameters (or `part`: "ema") of a workdir's checkpoint (the latest by default),
-  as NumPy arrays; None when the checkpoint has no such part (EMA off).
-
-  Reads the whole saved state onto the host without knowing the config that wrote it (the
-  tree comes from the checkpoint's metadata), then keeps `params`: what model import,
-  export and prediction need.
-  """
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  manager = ocp.CheckpointManager(directory) if os.path.isdir(directory) else None
-  steps = manager.all_steps() if manager else []
+def _complete_step(workdir: str, step: int | None) -> int:
+  """`step` (default: the newest) if the workdir holds it complete, else one clear error."""
+  directory = os.path.join(workdir, "checkpoints")
+  steps = ocp.CheckpointManager(os.path.abspath(directory)).all_steps() \
+      if os.path.isdir(directory) else []
   if not steps:
     raise NoCheckpointError(f"no checkpoint in workdir '{workdir}': train there first, or "
                             f"pass an .npz file")
-  step = max(steps) if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise NoCheckpointError(f"workdir '{workdir}' has no checkpoint of step {step}: "
                             f"it has steps {', '.join(map(str, sorted(steps)))}")
-  path = os.path.join(directory, str(step), "default")
+  return max(steps) if step is None else step
+
+
+def load_weights(workdir: str, step: int | None = None) -> tuple[int, dict, dict | None]:
+  """(step, params, ema or None) of a workdir's checkpoint (the latest by default).
+
+  Reads the saved state once onto the host, as NumPy arrays, without knowing the config
+  that wrote it (the tree comes from the checkpoint's metadata): what evaluation, model
+  import, export and prediction need.
+  """
+  step = _complete_step(workdir, step)
+  path = os.path.abspath(os.path.join(workdir, "checkpoints", str(step), "default"))
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
   tree = getattr(metadata, "item_metadata", metadata)
@@ -71,20 +75,14 @@ def load_params(workdir: str, step: int | None = None, part: str = "params") -> 
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_host_sharding()), tree)
   restored = checkpointer.restore(path, target)
   checkpointer.close()
-  manager.close()
-  if restored.get(part) is None:
-    return None
-  return jax.tree_util.tree_map(np.asarray, dict(restored[part]))
+  as_numpy = lambda part: (None if restored.get(part) is None  # noqa: E731
+                           else jax.tree_util.tree_map(np.asarray, dict(restored[part])))
+  return step, as_numpy("params"), as_numpy("ema")
 
 
-def latest_complete_step(workdir: str) -> int:
-  """The newest complete checkpoint step of `workdir`, or one clear error."""
-  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-  steps = ocp.CheckpointManager(directory).all_steps() if os.path.isdir(directory) else []
-  if not steps:
-    raise NoCheckpointError(f"no checkpoint in workdir '{workdir}': train there first, or "
-                            f"pass an .npz file")
-  return max(steps)
+def load_params(workdir: str, step: int | None = None) -> dict:
+  """The parameters of a workdir's checkpoint (the latest by default), as NumPy arrays."""
+  return load_weights(workdir, step)[1]
 
 
 def _host_sharding():

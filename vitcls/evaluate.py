@@ -43,9 +43,8 @@ def evaluate(workdir: str, step: int | None = None, overrides=()) -> dict[str, f
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   model = models.build(config.model_name, config.num_classes, config.model)
-  step = step if step is not None else checkpoint.latest_complete_step(workdir)
-  weights = {"": checkpoint.load_params(workdir, step)}
-  ema = checkpoint.load_params(workdir, step, part="ema")
+  step, params, ema = checkpoint.load_weights(workdir, step)
+  weights = {"": params}
   if ema is not None:
     weights["_ema"] = ema
   results = {}

@@ -55,14 +55,12 @@ def list_images(path: str) -> list[str]:
 
 
 def load_image(path: str, pp: preprocess.Preprocess, image_shape) -> np.ndarray:
-  """A file -> the model's float input: decode, the eval pp, a final resize if needed."""
+  """A file -> the model's float input: `pp` (decode + the eval pp), a resize if needed."""
   with open(path, "rb") as f:
     data = f.read()
   if not data:
     raise UserError("empty file")
-  example = preprocess.parse(f"decode(channels={image_shape[-1]})")(
-      {"image": data, "label": 0}, None)
-  image = pp(example, np.random.default_rng(0))["image"]
+  image = pp({"image": data, "label": 0}, np.random.default_rng(0))["image"]
   if image.shape != tuple(image_shape):
     image = preprocess._resize_image(  # pylint: disable=protected-access
         np.asarray(image, np.float32), tuple(image_shape[:2]), "bilinear")
@@ -78,10 +76,8 @@ def ood_threshold(workdir: str, config, model, params, mesh) -> float:
   from vitcls.evaluators import _common  # pylint: disable=g-import-not-at-top
   name, raw = next(iter(config.evals.items()))
   cfg = evaluators.resolve(name, raw)
-  data, split, pp = _common.dataset_config(cfg, config)
-  inference = _common.Inference(model=model, name=data, split=split, pp=pp,
-                                batch_size=cfg.batch_size, train_config=config, mesh=mesh,
-                                batch_sharding=sharding.batch_sharding(mesh))
+  inference = _common.factory(cfg, model=model, train_config=config, mesh=mesh,
+                              batch_sharding=sharding.batch_sharding(mesh))(cfg.split)
   scores = metrics.msp_score(inference.run(params)["logits"])
   return float(metrics.threshold_at_tpr(scores, 0.95))
 
@@ -94,7 +90,7 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
   params = checkpoint.load_params(workdir, step)
   mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
   pp_spec, image_shape, names = export.serving_inputs(config)
-  pp = preprocess.parse(pp_spec)
+  pp = preprocess.parse(f"decode(channels={image_shape[-1]})|{pp_spec}")
   threshold = ood_threshold(workdir, config, model, params, mesh)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))
   files = list_images(inputs)

@@ -18,22 +18,16 @@ from vitcls.data import pipeline, preprocess, sources
 from vitcls import sharding as sharding_lib
 
 
-def dataset_config(config, train_config, prefix: str = "") -> tuple[str, str, str]:
-  """(dataset name, split, pp) of an evaluator's `[prefix]data`, `split`, `pp` keys."""
-  name = config[f"{prefix}data"] or train_config.input.data.name
-  return name, config[f"{prefix}split"], config[f"{prefix}pp"]
-
-
 def factory(config, *, model, train_config, mesh, batch_sharding):
   """`make(split, **overrides) -> Inference` over an evaluator's dataset, pp and batch.
 
   Each evaluator builds its inferences from this (its split, a held-out split, an OOD
   dataset via `name=` and `pp=` overrides), so the shared arguments live in one place.
   """
-  name, _, pp = dataset_config(config, train_config)
+  name = config.data or train_config.input.data.name
 
   def make(split: str, **overrides) -> "Inference":
-    kw = dict(model=model, name=name, pp=pp, batch_size=config.batch_size,
+    kw = dict(model=model, name=name, pp=config.pp, batch_size=config.batch_size,
               train_config=train_config, mesh=mesh, batch_sharding=batch_sharding)
     kw.update(overrides)
     return Inference(split=split, **kw)

@@ -38,7 +38,6 @@ class Evaluator:
         config.split, extra_keys=(config.slice_by,) if config.slice_by else ())
     self.config = config
     self.loss = losses.get(train_config.loss)
-    self.num_classes = train_config.num_classes
     self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
