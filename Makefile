@@ -5,16 +5,18 @@ CONFIG ?= experiments/mnist5k_vit.py
 WORKDIR ?= workdir/default
 ARGS ?=
 PYTEST_ARGS ?=
+# Which jax wheel the venv gets: cpu | cuda | tpu.
+ACCELERATOR ?= cpu
 
 .PHONY: train test clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[$(ACCELERATOR)]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[test]"
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e ".[$(ACCELERATOR),test]"
 	touch $@
 
 train: $(VENV)/.installed

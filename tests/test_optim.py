@@ -156,3 +156,74 @@ def test_lr_mults_scale_the_update_of_exactly_the_matching_leaves():
     delta_plain = plain[path[0]][path[1]] - params[path[0]][path[1]]
     delta_scaled = scaled[path[0]][path[1]] - params[path[0]][path[1]]
     np.testing.assert_allclose(delta_scaled, mult * delta_plain, rtol=1e-5, atol=1e-7)
+
+
+def _decay_only_update(mode, lr, wd, step, optax_name="adamw", **fields):
+  """The update of a kernel of ones under zero gradients after `step` updates."""
+  c = _config(lr=lr, wd=wd, wd_mode=mode, optax_name=optax_name, grad_clip_norm=0.0,
+              **{"schedule.warmup_steps": 10, "schedule.decay_type": "cosine"}, **fields)
+  tx, sched = optim.make_optimizer(c, total_steps=110)
+  params = {"Dense_0": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}
+  state = tx.init(params)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  for _ in range(step + 1):
+    updates, state = tx.update(zeros, state, params)
+  return updates["Dense_0"], float(sched(step))
+
+
+@pytest.mark.parametrize("step", [3, 10, 60])
+def test_wd_modes_scale_the_decay_as_documented(step):
+  lr, wd = 1e-3, 1e-4
+  times_lr, lr_t = _decay_only_update("times_lr", lr, wd, step)
+  np.testing.assert_allclose(times_lr["kernel"], -lr_t * wd, rtol=1e-5)
+  # big_vision: the schedule's shape, not the base lr: wd=1e-4 at lr=1e-3 is AdamW's 0.1.
+  times_sched, _ = _decay_only_update("times_schedule", lr, wd, step)
+  np.testing.assert_allclose(times_sched["kernel"], -(lr_t / lr) * wd, rtol=1e-5)
+  adamw_01, _ = _decay_only_update("times_lr", lr, 0.1, step)
+  np.testing.assert_allclose(times_sched["kernel"], adamw_01["kernel"], rtol=1e-5)
+  for upd in (times_lr, times_sched):
+    np.testing.assert_allclose(upd["bias"], 0.0)
+
+
+def test_l2_weight_decay_goes_through_momentum_like_torch_sgd():
+  """SGD with L2: g + wd*p enters the momentum buffer (torch.optim.SGD weight_decay)."""
+  lr, wd, mu = 0.1, 0.01, 0.9
+  c = _config(lr=lr, wd=wd, wd_mode="l2", optax_name="sgd", grad_clip_norm=0.0,
+              optax=configs.ConfigDict({"momentum": mu}),
+              **{"schedule.decay_type": "constant"})
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  p = {"Dense_0": {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.5, 0.5])}}
+  grads = [np.array([0.3, -0.1]), np.array([-0.2, 0.4]), np.array([0.1, 0.1])]
+  state, ref, buf = tx.init(p), np.array([1.0, -2.0]), np.zeros(2)
+  rb, bbuf = np.array([0.5, 0.5]), np.zeros(2)
+  for g in grads:
+    g_tree = {"Dense_0": {"kernel": jnp.asarray(g), "bias": jnp.asarray(g)}}
+    updates, state = tx.update(g_tree, state, p)
+    p = optax.apply_updates(p, updates)
+    buf = mu * buf + g + wd * ref  # torch: d_p = g + wd * p; buf = mu * buf + d_p.
+    ref = ref - lr * buf
+    bbuf = mu * bbuf + g  # Biases are outside wd_mask: plain momentum.
+    rb = rb - lr * bbuf
+  np.testing.assert_allclose(p["Dense_0"]["kernel"], ref, rtol=1e-5)
+  np.testing.assert_allclose(p["Dense_0"]["bias"], rb, rtol=1e-5)
+
+
+def test_stair_schedule_divides_at_the_boundaries():
+  """BiT / ResNet: lr / 10 at epochs 30, 60, 80 of 90; boundaries counted from step 0."""
+  c = _config(lr=0.4, **{"schedule.warmup_steps": 5, "schedule.decay_type": "stair",
+                         "schedule.boundaries": [1 / 3, 2 / 3, 8 / 9],
+                         "schedule.stair_factor": 0.1})
+  sched = optim.make_schedule(c, total_steps=90)
+  expected = {2: 0.4 * 2 / 5, 5: 0.4, 29: 0.4, 30: 0.04, 59: 0.04, 60: 0.004,
+              79: 0.004, 80: 0.0004, 90: 0.0004}
+  for step, value in expected.items():
+    np.testing.assert_allclose(sched(step), value, rtol=1e-5, err_msg=f"step {step}")
+  for bad in ([], [0.5, 0.2], [1.5]):
+    with pytest.raises(configs.ConfigError, match="schedule.boundaries"):
+      optim.make_schedule(_config(**{"schedule.decay_type": "stair",
+                                     "schedule.boundaries": bad}), 90)
+  with pytest.raises(configs.ConfigError, match="inside the warmup"):
+    optim.make_schedule(_config(**{"schedule.decay_type": "stair", "schedule.warmup_steps":
+                                   40, "schedule.boundaries": [0.25]}), 90)
+  with pytest.raises(configs.ConfigError, match="unknown wd_mode 'l3'"):
+    optim.make_optimizer(_config(wd_mode="l3"), 10)

@@ -26,7 +26,7 @@ from vitcls.errors import UserError
 ConfigDict = ml_collections.ConfigDict
 
 # Subtrees whose keys are validated by the component that consumes them.
-FREE_FORM = ("model", "optax", "evals")
+FREE_FORM = ("model", "optax", "evals", "expected")
 
 
 class ConfigError(UserError):
@@ -63,8 +63,11 @@ def defaults() -> ConfigDict:
   c.optax_name = "adamw"  # adamw | sgd | adafactor
   c.optax = ConfigDict()  # Extra keyword arguments of the optax optimiser (b1, momentum...).
   c.lr = 1e-3
-  c.wd = 1e-4  # Decoupled weight decay, applied to params matching wd_mask.
+  c.wd = 1e-4  # Weight decay, applied to params matching wd_mask, as wd_mode says.
   c.wd_mask = r".*/kernel$"
+  # times_lr: -lr(t)*wd*p (AdamW, timm); times_schedule: -lr(t)/lr*wd*p (big_vision's
+  # decoupled wd); l2: wd*p added to the gradient (the ResNet/BiT papers' SGD).
+  c.wd_mode = "times_lr"
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
   c.label_smoothing = 0.0
   c.loss = "softmax_xent"  # softmax_xent | sigmoid_xent (multi-label).
@@ -81,13 +84,18 @@ def defaults() -> ConfigDict:
   c.cutmix = ConfigDict({"alpha": 0.0})
   c.mix_switch_prob = 0.5
   c.schedule = ConfigDict()
-  c.schedule.decay_type = "cosine"  # cosine | linear | rsqrt | constant
+  c.schedule.decay_type = "cosine"  # cosine | linear | rsqrt | stair | constant
   c.schedule.warmup_steps = 0
   c.schedule.warmup_percent = 0.0  # Used when warmup_steps is 0.
   c.schedule.end_factor = 0.0  # Final lr as a fraction of `lr` (cosine, linear).
   c.schedule.timescale = 10_000  # rsqrt decay timescale in steps.
+  c.schedule.boundaries = []  # stair: fractions of the run where lr *= stair_factor.
+  c.schedule.stair_factor = 0.1
 
   c.evals = ConfigDict()  # name -> evaluator config (see vitcls.evaluators).
+  # Published results this run should reproduce, `{"<eval>/<metric>": value}`; the
+  # report sets the final metrics beside them (paper experiments name their source).
+  c.expected = ConfigDict()
 
   c.mesh = [("data", -1)]  # (axis, size); -1 takes the devices left over.
   c.sharding_rules = [(".*", "replicate")]  # (regex on param path, replicate | fsdp)
@@ -117,9 +125,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   return out
 
 
-def load_experiment(spec: str) -> ConfigDict:
-  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def import_experiment(path: str):
+  """The experiment file at `path` as a module (its `get_config`, maybe `get_sweep`)."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file '{path}' does not exist: pass "
                       f"--config=experiments/NAME.py[:k=v,...]")
@@ -128,7 +135,13 @@ def load_experiment(spec: str) -> ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
-  return module.get_config(arg or None)
+  return module
+
+
+def load_experiment(spec: str) -> ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  return import_experiment(path).get_config(arg or None)
 
 
 def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
@@ -140,6 +153,10 @@ def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
     if not sep:
       raise ConfigError(f"override '{item}' must look like --config.KEY=VALUE")
     set_value(merged, key, value)
+  for key, value in merged.expected.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config.expected['{key}'] must be a number (the published value "
+                        f"of that metric), got {value!r}")
   merged.lock()
   return merged
 

@@ -1,10 +1,13 @@
 """The optax optimiser and learning-rate schedule a config asks for.
 
-Schedule: linear warmup from 0 to `lr`, then cosine / linear / rsqrt decay (or constant).
-Optimiser: global-norm clipping, then AdamW, SGD with momentum or Adafactor, each with
-decoupled weight decay (`wd`, scaled by the schedule like the update) on the parameters
-whose path matches `wd_mask` (kernels by default, so biases, norms and embeddings are
-not decayed). Parameter groups by regex on the `/`-joined path: `lr_mults`
+Schedule: linear warmup from 0 to `lr`, then cosine / linear / rsqrt / stair decay (or
+constant).
+Optimiser: global-norm clipping, then AdamW, SGD with momentum or Adafactor, with weight
+decay `wd` on the parameters whose path matches `wd_mask` (kernels by default, so biases,
+norms and embeddings are not decayed), in one of three forms (`wd_mode`): "times_lr"
+(decoupled, -lr(t) * wd * p: AdamW / timm / DeiT), "times_schedule" (decoupled,
+-lr(t) / lr * wd * p: big_vision, where wd=1e-4 at lr=1e-3 equals AdamW's 0.1) or "l2"
+(wd * p added to the gradient before the optimiser: the ResNet / BiT papers' SGD). Parameter groups by regex on the `/`-joined path: `lr_mults`
 (`[(regex, multiplier)]`, first match wins) scales updates; `frozen` (regexes) leaves
 parameters bit for bit unchanged and gives them no optimiser state.
 """
@@ -15,6 +18,7 @@ import inspect
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from vitcls import treeutil
@@ -40,6 +44,7 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
       "linear": lambda: optax.linear_schedule(lr, end, decay_steps),
       "rsqrt": lambda: (lambda step: lr * (1.0 + step / s.timescale) ** -0.5),
       "constant": lambda: optax.constant_schedule(lr),
+      "stair": lambda: _stair(lr, s, total_steps, warmup),
   }
   if s.decay_type not in decays:
     raise ConfigError(f"unknown schedule.decay_type '{s.decay_type}': use one of "
@@ -48,6 +53,56 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
   if warmup == 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def _stair(lr: float, s, total_steps: int, warmup: int) -> optax.Schedule:
+  """`lr`, multiplied by `stair_factor` at each of `boundaries` (fractions of the run).
+
+  The ResNet / BiT step schedule: boundaries [30/90, 60/90, 80/90] and factor 0.1 divide
+  the lr by 10 at epochs 30, 60 and 80 of 90, counted from the first step (warmup
+  included); the returned schedule is read from the end of the warmup.
+  """
+  fractions = [float(b) for b in s.boundaries]
+  if not fractions or fractions != sorted(fractions) or not all(
+      0 < b <= 1 for b in fractions):
+    raise ConfigError(f"schedule.decay_type 'stair' needs schedule.boundaries: increasing "
+                      f"fractions of the run in (0, 1], e.g. [1/3, 2/3, 8/9]; got "
+                      f"{list(s.boundaries)}")
+  steps = [round(b * total_steps) - warmup for b in fractions]
+  if steps[0] < 0:
+    raise ConfigError(f"schedule.boundaries: the first boundary (step {steps[0] + warmup}) "
+                      f"falls inside the warmup ({warmup} steps)")
+  scales = {}
+  for step in steps:  # Boundaries on the same step multiply.
+    scales[step] = scales.get(step, 1.0) * s.stair_factor
+  return optax.piecewise_constant_schedule(lr, scales)
+
+
+def decay_by_schedule(weight_decay: float, factor: optax.Schedule,
+                      mask) -> optax.GradientTransformation:
+  """Adds `-weight_decay * factor(step) * p` to the update of the masked leaves.
+
+  big_vision's decoupled weight decay: scaled by the schedule's shape (`factor` is the
+  lr schedule over the base lr) but not by the base lr, so `wd=1e-4` with `lr=1e-3`
+  decays like AdamW's `weight_decay=0.1`. Goes after the optimiser's lr scaling.
+  """
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params):
+    if params is None:
+      raise ValueError("decay_by_schedule needs the params")
+    rate = weight_decay * factor(state.count)
+    leaf_mask = mask(params) if callable(mask) else mask
+    updates = jax.tree_util.tree_map(
+        lambda u, p, m: u - rate * p if m else u, updates, params, leaf_mask)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
+WD_MODES = ("times_lr", "times_schedule", "l2")
 
 
 def _sgd(learning_rate, weight_decay, mask, momentum=0.9, nesterov=False):
@@ -87,7 +142,18 @@ def make_optimizer(config, total_steps: int):
                         f"{', '.join(sorted(allowed))}")
   schedule = make_schedule(config, total_steps)
   mask = lambda params: treeutil.regex_mask(params, config.wd_mask)
-  tx = build(schedule, config.wd, mask, **kwargs)
+  mode = config.wd_mode
+  if mode not in WD_MODES:
+    raise ConfigError(f"unknown wd_mode '{mode}': use one of {', '.join(WD_MODES)}")
+  if mode == "times_lr" or not config.wd:
+    tx = build(schedule, config.wd, mask, **kwargs)
+  elif mode == "times_schedule":
+    base = config.lr or 1.0
+    tx = optax.chain(build(schedule, 0.0, mask, **kwargs),
+                     decay_by_schedule(config.wd, lambda t: schedule(t) / base, mask))
+  else:  # l2: wd * p joins the gradient, before momentum / Adam's moments.
+    tx = optax.chain(optax.add_decayed_weights(config.wd, mask),
+                     build(schedule, 0.0, mask, **kwargs))
   if config.lr_mults:
     tx = optax.chain(tx, scale_by_lr_mults(config.lr_mults))
   if config.grad_clip_norm:

@@ -2,7 +2,8 @@
 
 Written at the end of every training run and by `vitcls.evaluate`: the final metrics of
 every evaluator (the latest value of each, from `metrics.jsonl`, overridden by the last
-`vitcls.evaluate` run), the run's size and speed, and the plots a reviewer looks at: loss,
+`vitcls.evaluate` run) beside the published figures in `config.expected`, the run's size
+and speed, and the plots a reviewer looks at: loss,
 learning rate and eval curves; and, from the arrays evaluators leave in
 `report/artifacts/<eval>.npz`, the confusion matrix, per-class accuracy bars, the
 reliability diagram, OOD score histograms and per-label average precision.
@@ -208,6 +209,19 @@ def final_metrics(workdir: str, rows: list[dict]) -> dict[str, tuple[int, float]
   return finals
 
 
+def expected_table(expected: dict, finals: dict) -> list[str]:
+  """Markdown lines setting each published figure (`config.expected`) beside this run's."""
+  lines = ["## Against the published result", "",
+           "| metric | expected | this run | difference |", "| --- | --- | --- | --- |"]
+  for key, want in sorted(expected.items()):
+    if key in finals:
+      got = finals[key][1]
+      lines.append(f"| {key} | {want:.4f} | {got:.4f} | {got - want:+.4f} |")
+    else:
+      lines.append(f"| {key} | {want:.4f} | not measured | |")
+  return lines + [""]
+
+
 def write(workdir: str, config=None) -> str:
   """Writes the report of `workdir`; returns the path of report.md."""
   rows = read_metrics(workdir)
@@ -223,6 +237,8 @@ def write(workdir: str, config=None) -> str:
     lines += ["| metric | value | step |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.4f} | {s} |" for k, (s, v) in sorted(finals.items())]
     lines.append("")
+  if config is not None and config.get("expected"):
+    lines += expected_table(dict(config.expected), finals)
   speeds = [r["img_per_sec"] for r in rows if "img_per_sec" in r][1:]  # Skip compile.
   if speeds:
     lines += [f"Training speed: median {sorted(speeds)[len(speeds) // 2]:.0f} img/s.", ""]

@@ -1,0 +1,144 @@
+"""Each paper experiment holds its paper's hyper-parameters, so an edit cannot drift.
+
+The values are written out here from the papers (and big_vision's configs where the
+experiment says it follows them), independently of the experiment files.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitcls import configs, models, optim
+from conftest import REPO
+
+
+def _config(name, arg=""):
+  spec = os.path.join(REPO, "experiments", name) + (f":{arg}" if arg else "")
+  return configs.resolve(configs.load_experiment(spec))
+
+
+def _num_params(config, res=224):
+  model = models.build(config.model_name, config.num_classes, config.model)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, res, res, 3)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+
+
+def _lr_at(config, step, total):
+  return float(optim.make_schedule(config, total)(step))
+
+
+@pytest.mark.parametrize("epochs, top1", [(90, 0.765), (150, 0.785), (300, 0.800)])
+def test_plain_vit_baselines(epochs, top1):
+  """Beyer, Zhai, Kolesnikov 2022, ViT-S/16 rows."""
+  c = _config("vit_s16_i1k.py", f"epochs={epochs}")
+  assert c.total_epochs == epochs and c.total_steps is None
+  assert (c.input.data.name, c.input.data.split) == ("imagenet2012", "train[:99%]")
+  assert c.input.batch_size == 1024 and c.num_classes == 1000
+  m = c.model
+  assert (m.variant, m.pool_type, m.posemb, m.rep_size) == ("S/16", "gap", "sincos2d", True)
+  assert c.optax_name == "adamw" and (c.optax.b1, c.optax.b2) == (0.9, 0.999)
+  assert c.lr == 1e-3 and c.wd == 1e-4 and c.wd_mode == "times_schedule"
+  assert c.grad_clip_norm == 1.0 and c.label_smoothing == 0.0
+  assert c.schedule.decay_type == "cosine" and c.schedule.warmup_steps == 10_000
+  assert c.schedule.end_factor == 0.0
+  assert c.mixup.p == 0.2 and c.mixup.alpha == 0.0 and c.cutmix.alpha == 0.0
+  assert c.input.pp.startswith("decode|inception_crop(224)|flip_lr|randaug(2,10)|"
+                               "value_range(-1,1)|onehot(1000)")
+  assert c.evals.val.split == "validation"
+  assert "resize_small(256" in c.evals.val.pp and "central_crop(224)" in c.evals.val.pp
+  assert dict(c.expected) == {"val/top1": top1}
+  # ViT-S/16: 21,974,632 without position or class parameters, plus the 384x384 tanh
+  # pre-logits layer (timm's vit_small_patch16_224, with both, has 22,050,664).
+  if epochs == 90:
+    assert _num_params(c) == 22_050_664 - 197 * 384 - 384 + 384 * 384 + 384
+  total = 90 * 1_268_355 // 1024  # 99% of the 1,281,167 train images.
+  assert _lr_at(c, 5_000, total) == pytest.approx(0.5e-3)
+  assert _lr_at(c, total, total) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_deit_small():
+  """Touvron et al. 2021, DeiT-S without distillation: 79.8% at 300 epochs."""
+  c = _config("deit_s16_i1k.py")
+  assert c.total_epochs == 300 and c.input.data.split == "train"
+  assert c.input.batch_size == 1024
+  assert c.lr == pytest.approx(5e-4 * 1024 / 512)
+  assert _config("deit_s16_i1k.py", "batch=512").lr == pytest.approx(5e-4)
+  assert c.optax_name == "adamw" and c.wd == 0.05 and c.wd_mode == "times_lr"
+  assert c.grad_clip_norm == 0.0
+  assert c.schedule.decay_type == "cosine"
+  assert c.schedule.warmup_steps == round(5 * 1_281_167 / 1024)  # 5 epochs.
+  assert c.lr * c.schedule.end_factor == pytest.approx(1e-5)
+  assert c.label_smoothing == 0.1
+  assert c.mixup.alpha == 0.8 and c.cutmix.alpha == 1.0 and c.mix_switch_prob == 0.5
+  m = c.model
+  assert (m.variant, m.pool_type, m.posemb) == ("S/16", "tok", "learn")
+  assert m.stoch_depth == 0.1 and m.dropout == 0.0
+  ops = c.input.pp.split("|")
+  assert "randaug(2,9)" in ops and "random_erasing(0.25)" in ops and "flip_lr" in ops
+  assert ops[1].startswith("inception_crop(224") and "normalize((0.485" in c.input.pp
+  assert ops.index("random_erasing(0.25)") > ops.index(
+      next(o for o in ops if o.startswith("normalize")))
+  assert dict(c.expected) == {"val/top1": 0.798}
+  assert _num_params(c) == 22_050_664 - 384  # Position embedding of N, not N+1 tokens.
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_bit_resnet50(schedule):
+  """Kolesnikov et al. 2020, BiT-S R50x1 upstream: SGD 0.9, lr 0.1 * b/256, wd 1e-4."""
+  c = _config("bit_i1k.py", f"schedule={schedule}")
+  assert c.model_name == "bit" and (c.model.depth, c.model.width) == (50, 1)
+  assert c.total_epochs == 90 and c.input.batch_size == 4096
+  assert c.optax_name == "sgd" and c.optax.momentum == 0.9
+  assert c.lr == pytest.approx(0.1 * 4096 / 256)
+  assert _config("bit_i1k.py", "batch=1024").lr == pytest.approx(0.4)
+  assert c.wd == 1e-4 and c.wd_mode == "l2"
+  assert c.input.pp.startswith("decode|inception_crop(224)|flip_lr|")
+  total = 9_000
+  if schedule == "cosine":
+    assert c.schedule.decay_type == "cosine"
+  else:  # The lr divided by 10 at epochs 30, 60, 80 of 90.
+    lr = c.lr
+    for epoch, factor in [(29, 1), (31, 0.1), (59, 0.1), (61, 0.01), (79, 0.01),
+                          (81, 0.001), (90, 0.001)]:
+      assert _lr_at(c, epoch * 100, total) == pytest.approx(lr * factor), epoch
+  assert dict(c.expected) == {"val/top1": 0.763}
+
+
+@pytest.mark.parametrize("dataset, classes, lr, steps, warmup, crop, train, top1", [
+    ("cifar10", 10, 0.003, 10_000, 500, "resize_small(448)|random_crop(384)",
+     "train[:98%]", 0.9855),
+    ("cifar100", 100, 0.01, 10_000, 500, "resize_small(448)|random_crop(384)",
+     "train[:98%]", 0.9135),
+    ("oxford_iiit_pet", 37, 0.003, 500, 100, "inception_crop(384)", "train[:90%]", 0.9378),
+    ("oxford_flowers102", 102, 0.003, 500, 100, "inception_crop(384)", "train[:90%]",
+     0.9943),
+])
+def test_augreg_transfer(dataset, classes, lr, steps, warmup, crop, train, top1):
+  """big_vision's transfer table for the AugReg ViT-B/32 (i21k, 300 epochs, light1)."""
+  c = _config("augreg_transfer.py", f"dataset={dataset}")
+  assert c.model_init.endswith("B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0"
+                               ".npz")
+  assert (c.model.variant, c.model.pool_type) == ("B/32", "tok")
+  assert list(c.model_load.dont_load) == ["head/.*"] and c.num_classes == classes
+  assert c.optax_name == "sgd" and c.optax.momentum == 0.9 and c.wd == 0.0
+  assert c.grad_clip_norm == 1.0 and c.input.batch_size == 512
+  assert c.lr == lr and c.total_steps == steps and c.schedule.warmup_steps == warmup
+  assert c.schedule.decay_type == "cosine"
+  assert c.input.data.split == train and c.input.pp.startswith(f"decode|{crop}|flip_lr|")
+  assert c.evals.test.split == "test"
+  assert "resize_small(448)|central_crop(384)" in c.evals.test.pp
+  assert dict(c.expected) == {"test/top1": top1}
+
+
+def test_paper_arguments_are_checked():
+  with pytest.raises(configs.ConfigError, match="epochs must be one of 90, 150, 300"):
+    _config("vit_s16_i1k.py", "epochs=100")
+  with pytest.raises(configs.ConfigError, match="schedule must be cosine or step"):
+    _config("bit_i1k.py", "schedule=poly")
+  with pytest.raises(configs.ConfigError, match="unknown dataset 'svhn'"):
+    _config("augreg_transfer.py", "dataset=svhn")
+  with pytest.raises(configs.ConfigError, match=r"config.expected\['val/top1'\] must be a"):
+    configs.resolve(configs.ConfigDict({"expected": {"val/top1": "high"}}))
