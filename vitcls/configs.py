@@ -16,12 +16,13 @@ import difflib
 import importlib.util
 import json
 import os
+import traceback
 from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
-from vitcls.errors import UserError
+from vitcls.errors import UserError, shown
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -116,10 +117,10 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
   out = ConfigDict(dict(spec))
   for item in filter(None, (arg or "").split(",")):
     if "=" not in item:
-      raise ConfigError(f"config argument '{item}' must look like key=value")
+      raise ConfigError(f"config argument {shown(item)} must look like key=value")
     key, value = item.split("=", 1)
     if key not in spec:
-      raise ConfigError(f"unknown config argument '{key}': known ones are "
+      raise ConfigError(f"unknown config argument {shown(key)}: known ones are "
                         f"{', '.join(sorted(spec)) or 'none'}")
     out[key] = _convert(value, spec[key], key)
   return out
@@ -128,20 +129,41 @@ def parse_arg(arg: str | None, **spec: Any) -> ConfigDict:
 def import_experiment(path: str):
   """The experiment file at `path` as a module (its `get_config`, maybe `get_sweep`)."""
   if not os.path.isfile(path):
-    raise ConfigError(f"config file '{path}' does not exist: pass "
+    raise ConfigError(f"config file {shown(path)} does not exist: pass "
                       f"--config=experiments/NAME.py[:k=v,...]")
   module_spec = importlib.util.spec_from_file_location("vitcls_experiment", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _experiment_error(path, "cannot be imported", e) from e
   if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
+    raise ConfigError(f"config file {shown(path)} has no get_config(arg=None) function")
   return module
 
 
 def load_experiment(spec: str) -> ConfigDict:
   """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
-  return import_experiment(path).get_config(arg or None)
+  module = import_experiment(path)
+  try:
+    return module.get_config(arg or None)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _experiment_error(path, "failed in get_config", e) from e
+
+
+def _experiment_error(path: str, what: str, error: Exception) -> ConfigError:
+  """One line naming the experiment file's line that raised `error`."""
+  line = getattr(error, "lineno", None) if isinstance(error, SyntaxError) else None
+  if line is None:
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if os.path.abspath(f.filename) == os.path.abspath(path)]
+    line = frames[-1].lineno if frames else None
+  where = f"{path}:{line}" if line else path
+  message = " ".join(str(error).split())  # One line, whatever the exception says.
+  return ConfigError(f"experiment {where} {what}: {type(error).__name__}: {message}")
 
 
 def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
@@ -151,12 +173,17 @@ def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
   for item in overrides:
     key, sep, value = item.partition("=")
     if not sep:
-      raise ConfigError(f"override '{item}' must look like --config.KEY=VALUE")
-    set_value(merged, key, value)
+      raise ConfigError(f"override {shown(item)} must look like --config.KEY=VALUE")
+    try:
+      set_value(merged, key, value)
+    except ConfigError:
+      raise
+    except (ValueError, TypeError) as e:  # ConfigDict's own refusals (dotted keys, ...).
+      raise ConfigError(f"override {shown(item)}: {shown(e)}") from None
   for key, value in merged.expected.items():
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-      raise ConfigError(f"config.expected['{key}'] must be a number (the published value "
-                        f"of that metric), got {value!r}")
+      raise ConfigError(f"config.expected[{shown(key)}] must be a number (the published value "
+                        f"of that metric), got {shown(value)}")
   merged.lock()
   return merged
 
@@ -191,13 +218,13 @@ def _merge(base: ConfigDict, new: ConfigDict, prefix: str) -> None:
   for key, value in new.items():
     path = prefix + key
     if key not in base:
-      raise ConfigError(f"unknown config key '{path}'{_suggest(key, base.keys(), prefix)}: "
+      raise ConfigError(f"unknown config key {shown(path)}{_suggest(key, base.keys(), prefix)}: "
                         f"see vitcls.configs.defaults() for the known keys")
     if path in FREE_FORM:
       base[key] = ConfigDict(value.to_dict() if isinstance(value, ConfigDict) else value)
     elif isinstance(base[key], ConfigDict):
       if not isinstance(value, (ConfigDict, dict)):
-        raise ConfigError(f"config key '{path}' must be a dict, not {value!r}")
+        raise ConfigError(f"config key {shown(path)} must be a dict, not {shown(value)}")
       _merge(base[key], ConfigDict(value), path + ".")
     else:
       with base.ignore_type():
@@ -214,7 +241,7 @@ def set_value(config: ConfigDict, dotted_key: str, text: str) -> None:
     last = i == len(parts) - 1
     if part not in node:
       if not (free and prefix):  # New keys only inside free-form subtrees.
-        raise ConfigError(f"unknown config key '{dotted_key}'"
+        raise ConfigError(f"unknown config key {shown(dotted_key)}"
                           f"{_suggest(part, node.keys(), prefix)}: check the spelling, or see "
                           f"vitcls.configs.defaults() for the known keys")
       with node.unlocked():
@@ -223,6 +250,9 @@ def set_value(config: ConfigDict, dotted_key: str, text: str) -> None:
         return
     if last:
       current = node[part]
+      if isinstance(current, ConfigDict):
+        _set_dict(node, part, path, text, free)
+        return
       kind = node.get_type(part) if isinstance(node, ConfigDict) else type(current)
       with node.ignore_type():
         node[part] = _convert(text, current, dotted_key, kind)
@@ -230,7 +260,25 @@ def set_value(config: ConfigDict, dotted_key: str, text: str) -> None:
     node, prefix = node[part], prefix + part + "."
     if not isinstance(node, ConfigDict):
       raise ConfigError(f"config key '{prefix[:-1]}' is a value, not a dict: cannot set "
-                        f"'{dotted_key}'")
+                        f"{shown(dotted_key)}")
+
+
+def _set_dict(node: ConfigDict, key: str, path: str, text: str, free: bool) -> None:
+  """`--config.evals={...}`: a whole subtree from a dict literal (its keys checked)."""
+  value = _literal(text)
+  if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+    raise ConfigError(f"config key {shown(path)} is a dict: set one field with "
+                      f"--config.{path}.KEY=VALUE, or give a dict literal like "
+                      f"{{'key': value}}")
+  try:
+    value = ConfigDict(value)
+  except ValueError as e:  # Keys with dots.
+    raise ConfigError(f"config key {shown(path)}: {shown(e)}") from None
+  if free:
+    with node.unlocked(), node.ignore_type():
+      node[key] = value
+  else:
+    _merge(node[key], value, path + ".")
 
 
 def _literal(text: str) -> Any:
@@ -269,7 +317,7 @@ def _convert(text: str, current: Any, key: str, kind: type | None = None) -> Any
         raise ValueError(text)
       return kind(value)
   except (ValueError, SyntaxError) as e:
-    raise ConfigError(f"config key '{key}' expects a {kind.__name__}, got '{text}'") from e
+    raise ConfigError(f"config key {shown(key)} expects a {kind.__name__}, got {shown(text)}") from e
   return _literal(text)
 
 
@@ -294,7 +342,7 @@ def load_workdir_config(workdir: str, overrides: Sequence[str] = ()) -> ConfigDi
   """The resolved config a run saved in `workdir/config.json`, with `KEY=VALUE` overrides."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"'{workdir}' is not a vitcls workdir (no config.json): pass the "
+    raise ConfigError(f"{shown(workdir)} is not a vitcls workdir (no config.json): pass the "
                       f"--workdir of a training run")
   with open(path) as f:
     return resolve(ConfigDict(json.load(f)), overrides)

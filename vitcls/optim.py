@@ -23,6 +23,7 @@ import optax
 
 from vitcls import treeutil
 from vitcls.configs import ConfigError
+from vitcls.validate import WD_MODES
 
 
 def warmup_steps(config, total_steps: int) -> int:
@@ -100,9 +101,6 @@ def decay_by_schedule(weight_decay: float, factor: optax.Schedule,
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
-
-
-WD_MODES = ("times_lr", "times_schedule", "l2")
 
 
 def _sgd(learning_rate, weight_decay, mask, momentum=0.9, nesterov=False):

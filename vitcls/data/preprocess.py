@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from PIL import Image
 
-from vitcls.errors import UserError
+from vitcls.errors import UserError, shown
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -71,16 +71,16 @@ def _parse_call(text: str) -> tuple[str, tuple, dict]:
   try:
     node = ast.parse(text, mode="eval").body
   except SyntaxError as e:
-    raise PreprocessError(f"cannot parse pp op '{text}': write ops like 'resize(32)'") from e
+    raise PreprocessError(f"cannot parse pp op {shown(text)}: write ops like 'resize(32)'") from e
   if isinstance(node, ast.Name):
     return node.id, (), {}
   if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-    raise PreprocessError(f"cannot parse pp op '{text}': write ops like 'resize(32)'")
+    raise PreprocessError(f"cannot parse pp op {shown(text)}: write ops like 'resize(32)'")
   try:
     args = tuple(ast.literal_eval(a) for a in node.args)
     kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
   except ValueError as e:
-    raise PreprocessError(f"pp op '{text}' takes literal arguments only") from e
+    raise PreprocessError(f"pp op {shown(text)} takes literal arguments only") from e
   return node.func.id, args, kwargs
 
 
@@ -92,12 +92,12 @@ def parse(spec: str) -> Preprocess:
       continue
     name, args, kwargs = _parse_call(text)
     if name not in _REGISTRY:
-      raise PreprocessError(f"unknown pp op '{name}' in '{spec}': known ops are "
+      raise PreprocessError(f"unknown pp op {shown(name)} in {shown(spec)}: known ops are "
                             f"{', '.join(available_ops())}")
     try:
       ops.append(_REGISTRY[name](*args, **kwargs))
-    except TypeError as e:
-      raise PreprocessError(f"bad arguments for pp op '{text}': {e}") from e
+    except (TypeError, ValueError, OverflowError) as e:
+      raise PreprocessError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
   return Preprocess(spec, tuple(ops))
 
 
@@ -391,7 +391,7 @@ def _multihot(num_classes, key="labels", key_result="labels", on=1.0, off=0.0) -
   def op(example, rng):
     labels = np.atleast_1d(np.asarray(example[key]))
     if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
-      raise PreprocessError(f"multihot('{key}') takes a 1-D array of integer labels, got "
+      raise PreprocessError(f"multihot({shown(key)}) takes a 1-D array of integer labels, got "
                             f"{labels.dtype} of shape {labels.shape}")
     outside = labels[(labels < 0) | (labels >= num_classes)]
     if outside.size:
@@ -442,7 +442,7 @@ def _pil_image(value, key: str) -> Image.Image:
     arr = np.asarray(value)
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (
         arr.ndim == 3 and arr.shape[-1] not in (1, 2, 3, 4)):
-      raise DecodeError(f"decode('{key}') takes encoded image bytes or uint8 pixels "
+      raise DecodeError(f"decode({shown(key)}) takes encoded image bytes or uint8 pixels "
                         f"(HW or HWC, 1 to 4 channels), got {arr.dtype} of shape "
                         f"{arr.shape}")
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
@@ -451,14 +451,14 @@ def _pil_image(value, key: str) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     img.load()
   except Image.UnidentifiedImageError as e:
-    raise DecodeError(f"cannot decode '{key}': its {len(data)} bytes are not an image "
+    raise DecodeError(f"cannot decode {shown(key)}: its {len(data)} bytes are not an image "
                       f"format PIL reads (e.g. PNG, JPEG)") from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     what = f"{len(data)} bytes"
     if img is not None:
       what = f"{img.format} image of {what}"
     reason = " ".join(str(e).split()) or type(e).__name__  # One line, whatever PIL says.
-    raise DecodeError(f"cannot decode '{key}' ({what}): {reason}") from e
+    raise DecodeError(f"cannot decode {shown(key)} ({what}): {reason}") from e
   return img
 
 

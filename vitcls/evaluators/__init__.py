@@ -1,15 +1,32 @@
 """Evaluators by name: `config.evals.<name>.type` picks `vitcls.evaluators.<type>`.
 
 Each evaluator module defines `defaults()` (its config keys) and `Evaluator(config,
-context)` with `run(params) -> dict of scalars`. Adding one is adding a file.
+context)` with `run(params) -> dict of scalars`. Adding one is adding a file. Modules
+import their heavy dependencies (JAX, the input pipeline, SciPy) through `lazy_import`,
+so reading every evaluator's `defaults()` to check a config costs milliseconds.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
+import sys
 
 from vitcls.configs import ConfigDict, ConfigError
+
+
+def lazy_import(name: str):
+  """The module `name`, loaded on its first attribute access (importlib.util.LazyLoader)."""
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.find_spec(name)
+  loader = importlib.util.LazyLoader(spec.loader)
+  spec.loader = loader
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  loader.exec_module(module)
+  return module
 
 
 def available() -> list[str]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitcls import metrics
 from vitcls.configs import ConfigDict
-from vitcls.evaluators import _common
+from vitcls import evaluators as _evaluators
+metrics = _evaluators.lazy_import("vitcls.metrics")
+_common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from vitcls import losses, metrics
 from vitcls.configs import ConfigDict
-from vitcls.evaluators import _common
+from vitcls import evaluators as _evaluators
+losses = _evaluators.lazy_import("vitcls.losses")
+metrics = _evaluators.lazy_import("vitcls.metrics")
+_common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
