@@ -131,3 +131,36 @@ def test_mixing_and_the_loss_are_wired_into_the_step():
                                          class_weights=np.array([1.0, 2.0, 0.5], np.float32)))
   np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
   assert not np.allclose(images, batch["image"])  # The batch really was mixed.
+
+
+def test_nonfinite_updates_are_skipped_and_counted():
+  """A NaN batch leaves params, Adam moments and EMA bit for bit; finite ones train."""
+  x = np.random.default_rng(0).normal(size=(4, 1, 1, 3)).astype(np.float32)
+  y = np.eye(2, dtype=np.float32)[[0, 1, 1, 0]]
+  bad = {"image": np.where(np.arange(3) == 1, np.nan, x).astype(np.float32), "labels": y}
+  good = {"image": x, "labels": y}
+  tx = optax.adam(0.1)
+  skip = jax.jit(steps.make_train_step(_Linear(), tx, lambda s: 0.1, steps.StepOptions(
+      skip_nonfinite=True, ema_decay=0.9)))
+  plain = jax.jit(steps.make_train_step(_Linear(), tx, lambda s: 0.1, steps.StepOptions(
+      ema_decay=0.9)))
+  w0 = {"w": np.random.default_rng(1).normal(size=(3, 2)).astype(np.float32)}
+  state = _state(w0, tx, ema=True).replace(skips=jnp.zeros((2,), jnp.int32))
+  reference = _state(w0, tx, ema=True)
+  counts = []
+  for batch in (good, bad, bad, good, bad):
+    before = state
+    state, metrics = skip(state, batch)
+    counts.append((int(metrics["skipped_in_a_row"]), int(metrics["skipped_updates"])))
+    if batch is bad:
+      assert not np.isfinite(float(metrics["loss"]))
+      for a, b in zip(jax.tree.leaves((before.params, before.opt_state, before.ema)),
+                      jax.tree.leaves((state.params, state.opt_state, state.ema))):
+        np.testing.assert_array_equal(a, b)
+    else:  # Finite batches give exactly the updates of a run that never saw the bad ones.
+      reference, _ = plain(reference, batch)
+      for a, b in zip(jax.tree.leaves((reference.params, reference.opt_state)),
+                      jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
+  assert counts == [(0, 0), (1, 1), (2, 2), (0, 2), (1, 3)]
+  assert int(state.step) == 5  # The step (and with it the data stream) still advances.

@@ -111,7 +111,8 @@ def build(config) -> Run:
   tx, schedule = optim.make_optimizer(config, total_steps)
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
   init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
-                               ema=bool(config.ema_decay))
+                               ema=bool(config.ema_decay),
+                               count_skips=config.skip_nonfinite_updates)
   abstract = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
   abstract = jax.tree_util.tree_map(

@@ -78,6 +78,11 @@ def defaults() -> ConfigDict:
   c.grad_accum_steps = 1  # Micro-batches per step: same result, 1/n of the memory.
   c.ema_decay = 0.0  # EMA of the params (e.g. 0.9998); 0 = off. Evaluated beside the params.
   c.ema_warmup = False  # timm ModelEmaV3 warm-up: decay min(ema_decay, 1-(1+t)^(-2/3)).
+  # A non-finite loss stops the run; with this on, an update whose loss or gradient is
+  # not finite is skipped instead (counted in the metrics), and the run stops after
+  # `max_skipped_in_a_row` skips in a row.
+  c.skip_nonfinite_updates = False
+  c.max_skipped_in_a_row = 10
   # Mixing on device, per batch: mixup (`alpha`: lam ~ Beta(alpha, alpha), timm/DeiT; or
   # big_vision's `p`: Beta(p, p) folded to max(lam, 1 - lam)), CutMix (a box of area
   # 1 - lam, lam ~ Beta(alpha, alpha)); both on: CutMix with probability mix_switch_prob.

@@ -13,15 +13,19 @@ class TrainState:
   """`step` counts completed updates; the key of step s is `fold_in(rng, s)`.
 
   `ema` is the exponential moving average of `params` when `ema_decay` is on, else None.
+  `skips` counts the updates skipped for a non-finite loss or gradient, int32
+  [in a row, in total], when `skip_nonfinite_updates` is on, else None.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   ema: Any = None
+  skips: Any = None
 
 
-def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False):
+def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False,
+                 count_skips: bool = False):
   """Returns init(params=None) -> TrainState, pure, to be jitted with the state's shardings.
 
   With `params` (e.g. imported from a checkpoint) the state starts from them; without,
@@ -36,5 +40,6 @@ def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False):
       params = model.init({"params": init_key}, dummy, train=False)["params"]
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                       opt_state=tx.init(params), rng=train_key,
-                      ema=jax.tree_util.tree_map(jax.numpy.copy, params) if ema else None)
+                      ema=jax.tree_util.tree_map(jax.numpy.copy, params) if ema else None,
+                      skips=jax.numpy.zeros((2,), jax.numpy.int32) if count_skips else None)
   return init

@@ -3,8 +3,10 @@
 The train step is the whole update of one global batch: on-device mixing (mixup /
 CutMix), the loss (by name, with label smoothing and class weights), gradient
 accumulation over micro-batches (a `lax.scan`, so a batch that does not fit in memory
-gives the same update as if it did), the optimiser, and the EMA of the parameters. All its
-randomness comes from `fold_in(state.rng, state.step)`, so a resumed run is bitwise equal.
+gives the same update as if it did), the optimiser, and the EMA of the parameters; with
+`skip_nonfinite_updates`, an update whose loss or gradient is not finite is dropped and
+counted. All its randomness comes from `fold_in(state.rng, state.step)`, so a resumed run
+is bitwise equal.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class StepOptions:
   grad_accum_steps: int = 1
   ema_decay: float = 0.0
   ema_warmup: bool = False
+  skip_nonfinite: bool = False
 
   @classmethod
   def from_config(cls, config, class_weights=None) -> "StepOptions":
@@ -43,7 +46,8 @@ class StepOptions:
                mixup_p=config.mixup.p, cutmix_alpha=config.cutmix.alpha,
                mix_switch_prob=config.mix_switch_prob,
                grad_accum_steps=config.grad_accum_steps, ema_decay=config.ema_decay,
-               ema_warmup=config.ema_warmup)
+               ema_warmup=config.ema_warmup,
+               skip_nonfinite=config.skip_nonfinite_updates)
 
   @property
   def mixes(self) -> bool:
@@ -118,9 +122,26 @@ def make_train_step(model, tx, schedule, options: StepOptions = StepOptions()) -
       metrics["ema_decay"] = decay
     metrics.update({"loss": loss, "grad_norm": optax.tree.norm(grads),
                     "lr": schedule(state.step)})
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema=ema), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+    if options.skip_nonfinite:
+      new, metrics = _skip_if_nonfinite(state, new, loss, grads, metrics)
+    return new, metrics
   return train_step
+
+
+def _skip_if_nonfinite(old, new, loss, grads, metrics):
+  """Keeps `old`'s params, optimiser state and EMA when the loss or a gradient is not
+  finite (the step and its data still advance), and counts the skips."""
+  finite = jnp.isfinite(loss) & jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+  keep = lambda a, b: jax.tree_util.tree_map(  # noqa: E731
+      lambda x, y: jnp.where(finite, x, y), a, b)
+  in_a_row = jnp.where(finite, 0, old.skips[0] + 1)
+  skips = jnp.stack([in_a_row, old.skips[1] + (~finite).astype(jnp.int32)])
+  new = new.replace(params=keep(new.params, old.params),
+                    opt_state=keep(new.opt_state, old.opt_state),
+                    ema=keep(new.ema, old.ema), skips=skips)
+  return new, {**metrics, "skipped_in_a_row": skips[0], "skipped_updates": skips[1]}
 
 
 def make_eval_step(model, loss: str = "softmax_xent"):

@@ -164,6 +164,8 @@ def _regularisation(c, out) -> None:
         "(big_vision), not both")
   _need(out, 0 <= c.mix_switch_prob <= 1, f"config.mix_switch_prob must be in [0, 1], got "
         f"{c.mix_switch_prob}")
+  _need(out, c.max_skipped_in_a_row >= 1, f"config.max_skipped_in_a_row must be >= 1, got "
+        f"{c.max_skipped_in_a_row}")
   _need(out, c.grad_accum_steps >= 1, f"config.grad_accum_steps must be >= 1, got "
         f"{c.grad_accum_steps}")
 
