@@ -3,6 +3,11 @@
 `get_source("mnist5k", "train")` returns a `tfds.data_source` (len() and [i] give
 decoded NumPy examples). Embedded datasets are prepared on first use; any other TFDS
 name must already be prepared in the data dir, since nothing is downloaded at run time.
+A name may carry a config and a version, as TFDS spells them: `NAME/CONFIG:1.0.0`.
+Random access needs ArrayRecord (or Parquet) files, while `tfds build` writes TFRecord by
+default and most existing copies (ImageNet's included) are TFRecord: such a copy is
+recognised from its dataset_info.json and named in an error that gives the one
+`tfds convert_format` command adding ArrayRecord files beside it, in place.
 `folder:PATH` names an image folder instead (see `vitcls.data.folder`; the data dir plays
 no part). `labels` / `label_counts` read a split's labels alone, leaving its images
 undecoded; `label_names` gives the class names.
@@ -10,7 +15,9 @@ undecoded; `label_names` gives the class names.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 
 import numpy as np
 
@@ -39,17 +46,23 @@ def _root(explicit: str | None) -> str:  # For functions whose `data_dir` argume
 
 
 def prepare_embedded(name: str, root: str) -> None:
-  """Builds an embedded dataset into `root` in ArrayRecord format if not there yet."""
-  builder = embedded.BUILDERS[name](data_dir=root, file_format="array_record")
-  if not builder.data_path.exists():
-    builder.download_and_prepare(file_format="array_record")
+  """Builds an embedded dataset into `root` in ArrayRecord format if not there yet.
+
+  A copy already there is left as it is, whatever its file format: one in TFRecord
+  format gets the conversion command from `get_source`, not a rebuild beside it.
+  """
+  cls = embedded.BUILDERS[name]
+  if not cls(data_dir=root).data_path.exists():  # Format-free: reads any prepared copy.
+    cls(data_dir=root, file_format="array_record").download_and_prepare(
+        file_format="array_record")
 
 
 def _hint(name: str, root: str) -> str:
   return (f"prepare it with `tfds build {name.split(':')[0]} --file_format=array_record "
-          f"--data_dir={root}` (or point TFDS_DATA_DIR / config.input.data_dir at the "
-          f"folder that holds it), or give folder:PATH for a folder of images; built-in "
-          f"offline datasets: {', '.join(sorted(embedded.BUILDERS))}")
+          f"--data_dir={root}` (the tfds command line needs "
+          f"`pip install \"vitcls[data]\"`; or point TFDS_DATA_DIR / config.input.data_dir "
+          f"at the folder that holds it), or give folder:PATH for a folder of images; "
+          f"built-in offline datasets: {', '.join(sorted(embedded.BUILDERS))}")
 
 
 def _builder(name: str, root: str):
@@ -63,17 +76,89 @@ def _builder(name: str, root: str):
     raise DatasetNotFoundError(f"dataset '{name}' is unknown to TFDS and not in {root}: "
                                f"{_hint(name, root)}") from e
   if not builder.data_path.exists():
+    if others := _versions_beside(builder.data_path):
+      raise DatasetNotFoundError(
+          f"dataset '{name}' is not prepared in {root} at version {builder.version}, but "
+          f"{os.fspath(builder.data_path.parent)} holds version{'s' * (len(others) > 1)} "
+          f"{', '.join(others)}: name the version, as '{name.split(':')[0]}:{others[-1]}', "
+          f"wherever the config names the dataset")
     raise DatasetNotFoundError(f"dataset '{name}' is not prepared in {root}: "
                                f"{_hint(name, root)}")
   return builder
 
 
-def _open(name: str, split: str, root: str, decoders=None):
+def _versions_beside(version_dir) -> list[str]:
+  """The other versions prepared next to `version_dir`, oldest first.
+
+  A TFDS release moves a dataset's default version (imagenet2012: 5.0.0, then 5.1.0)
+  while copies prepared earlier keep theirs; `NAME:VERSION` reads them.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  found = []
+  for info in version_dir.parent.glob("*/dataset_info.json"):
+    try:
+      found.append(tfds.core.Version(info.parent.name))
+    except ValueError:  # Not a version folder.
+      continue
+  return [str(v) for v in sorted(found)]
+
+
+def _convert_command(version_dir) -> str:
+  """The shell command that adds ArrayRecord files to a prepared dataset, in place.
+
+  `version_dir` is the folder holding one config and version (ROOT/NAME[/CONFIG]/VERSION).
+  TFDS 4.9's `convert_format` writes the new shards beside the old ones in that folder
+  and lists array_record under `alternativeFileFormats` in its dataset_info.json. (Its
+  `--out_dir` is no way round a read-only copy: in 4.9.10 it writes the shards but no
+  dataset_info.json, and still exits 0.)
+  """
+  return shlex.join(["tfds", "convert_format",
+                     f"--dataset_version_dir={os.fspath(version_dir)}",
+                     "--out_file_format=array_record"])
+
+
+def _readable(name: str, root: str, builder) -> None:
+  """Makes `builder` read a random-access copy, or raises the command that adds one.
+
+  What is on disk is what dataset_info.json lists: `fileFormat` and, after an in-place
+  `tfds convert_format`, `alternativeFileFormats`. TFDS 4.9.10 restores the second for
+  builders built from files alone but not for builders whose code is imported (the
+  embedded ones, imagenet2012, cifar10...), whose `as_data_source` then refuses the
+  converted copy; pointing the info at the converted files is what `as_data_source`
+  itself does once it sees them.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  info = builder.info
+  if info.available_file_formats() & tfds.core.FileFormat.with_random_access():
+    return
+  written = info.as_proto.alternative_file_formats
+  for fmt in ("array_record", "parquet"):
+    if fmt in written:
+      info.set_file_format(fmt, override=True, override_if_initialized=True)
+      return
+  stored = info.file_format.value if info.file_format else "tfrecord"
+  fix = (f"convert it in place to ArrayRecord with `{_convert_command(builder.data_path)}` "
+         f"(the tfds command line needs `pip install \"vitcls[data]\"`)")
+  info_file = builder.data_path / "dataset_info.json"
   try:
-    return tfds.data_source(name, split=split, data_dir=root, download=False,
-                            decoders=decoders)
-  except NotImplementedError as e:
+    on_disk = json.loads(info_file.read_text())
+  except (OSError, ValueError):
+    on_disk = {}
+  if on_disk and not on_disk.get("fileFormat"):
+    # TFDS releases before the field existed (2021) wrote none, meaning TFRecord, and
+    # `tfds convert_format` of TFDS 4.9 stops on the empty value.
+    fix = (f"add \"fileFormat\": \"{stored}\" to {os.fspath(info_file)} (written by an "
+           f"older TFDS, it names no format), then {fix}")
+  raise DatasetNotFoundError(f"dataset '{name}' in {root} is stored as {stored} files, "
+                             f"which random access cannot read: {fix}")
+
+
+def _open(name: str, split: str, root: str, builder, decoders=None):
+  """`builder.as_data_source(split)` (what `tfds.data_source` returns), or one error."""
+  _readable(name, root, builder)
+  try:
+    return builder.as_data_source(split=split, decoders=decoders)
+  except NotImplementedError as e:  # A case the check above did not foresee.
     raise DatasetNotFoundError(f"dataset '{name}' in {root} is not in ArrayRecord format: "
                                f"{_hint(name, root)}") from e
   except (ValueError, KeyError) as e:
@@ -88,8 +173,7 @@ def get_source(name: str, split: str, data_dir_path: str | None = None):
   if folder.is_folder(name):
     return folder.open_source(folder.path_of(name), split)
   root = data_dir(data_dir_path)
-  _builder(name, root)
-  return _open(name, split, root)
+  return _open(name, split, root, _builder(name, root))
 
 
 # Labels without images: class-balanced sampling and class statistics need the label of
@@ -132,9 +216,9 @@ def _folder_label_key(name: str, key: str) -> None:
                             f"label; its features are: image, label, path")
 
 
-def _label_feature(name: str, root: str, key: str):
+def _label_feature(name: str, root: str, key: str, builder=None):
   """(the TFDS features of `name`, its feature `key`), or an error listing the features."""
-  features = _builder(name, root).info.features
+  features = (builder or _builder(name, root)).info.features
   if key not in features:
     raise LabelFeatureError(f"dataset '{name}' has no feature '{key}' to use as the "
                             f"label; its features are: {', '.join(sorted(features))}")
@@ -148,7 +232,8 @@ def _read_labels(name: str, split: str, data_dir_path: str | None, key: str):
     source = folder.open_source(folder.path_of(name), split)
     return source.labels(), len(source.label_names)
   root = data_dir(data_dir_path)
-  features, feature = _label_feature(name, root, key)
+  builder = _builder(name, root)
+  features, feature = _label_feature(name, root, key, builder)
   if _is_class_sequence(feature):
     raise LabelFeatureError(f"feature '{key}' of dataset '{name}' holds a set of labels per "
                             f"example (multi-label): class-balanced sampling and class "
@@ -157,7 +242,7 @@ def _read_labels(name: str, split: str, data_dir_path: str | None, key: str):
     raise LabelFeatureError(f"feature '{key}' of dataset '{name}' is not one integer per "
                             f"example ({type(feature).__name__}): give the key of a "
                             f"class label")
-  source = _open(name, split, root, decoders=_skip_images(features, exclude=key))
+  source = _open(name, split, root, builder, decoders=_skip_images(features, exclude=key))
   n = len(source)
   out = np.empty(n, np.int64)
   for start in range(0, n, _LABEL_READ_CHUNK):
