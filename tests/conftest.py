@@ -47,3 +47,16 @@ def read_metrics(workdir):
 
 def losses(workdir):
   return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def write_sweep_experiment(tmp_path, sweep_source):
+  """A 10-step experiment file whose get_sweep returns `sweep_source` (Python text)."""
+  path = tmp_path / "exp.py"
+  path.write_text(
+      "from vitcls import configs, sweep\n\n"
+      "def get_config(arg=None):\n"
+      "  c = configs.defaults()\n"
+      "  c.total_steps = 10\n"
+      "  return c\n\n"
+      f"def get_sweep(arg=None):\n  return {sweep_source}\n")
+  return str(path)

@@ -171,7 +171,7 @@ def test_console_script_dispatches_to_the_trainer(tmp_path):
   assert proc.returncode == 2
   assert "vitcls: error: unknown config key 'lrr'" in proc.stderr
   usage = subprocess.run([script, "trian"], capture_output=True, text=True, timeout=60)
-  assert usage.returncode == 2 and "expected a command (train, evaluate, predict, export)" in usage.stderr
+  assert usage.returncode == 2 and "expected a command (train, evaluate, predict, export, sweep, launch)" in usage.stderr
 
 
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):

@@ -6,7 +6,8 @@ import importlib
 import sys
 
 _COMMANDS = {"train": "vitcls.train", "evaluate": "vitcls.evaluate",
-             "predict": "vitcls.predict", "export": "vitcls.export"}
+             "predict": "vitcls.predict", "export": "vitcls.export",
+             "sweep": "vitcls.sweep", "launch": "vitcls.launch"}
 
 
 def main(argv: list[str] | None = None) -> None:
