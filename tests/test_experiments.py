@@ -24,7 +24,7 @@ VARIANTS = [p + ":runlocal=True" for p in EXPERIMENTS] + [
 def test_experiment_runs_a_few_steps(spec, tmp_path):
   config = configs.resolve(configs.load_experiment(spec))
   final = train.train(config, str(tmp_path))
-  assert final["test/count"] > 0
+  assert any(k.endswith("/count") and v > 0 for k, v in final.items()), final
   assert all(0.0 <= v <= 1.0 for k, v in final.items()
              if k.endswith(("/top1", "/map", "_f1")))
   steps = [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r]

@@ -1,12 +1,10 @@
-"""End-to-end: the training CLI in real subprocesses, resume after SIGKILL, errors."""
+"""End-to-end: the training CLI in real subprocesses, devices, processes, errors (faults: test_faults.py)."""
 
 import glob
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -51,50 +49,6 @@ def test_runlocal_run_writes_the_workdir_contract(tmp_path):
   again = run_train(workdir)  # Same command, same workdir: resumes, nothing left to do.
   assert "Nothing to do" in again.stderr
   assert len(read_metrics(workdir)) == len(rows) + 1  # Only the final eval again.
-
-
-def _kill_during_a_save(workdir, overrides):
-  """Starts training and SIGKILLs it while a checkpoint after the first is being written."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  proc = subprocess.Popen(train_command(workdir, *overrides), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  directory = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + 300
-  while proc.poll() is None and time.time() < deadline:
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-    if any(n.isdigit() for n in names) and any("tmp" in n for n in names):
-      break
-    time.sleep(0.001)
-  proc.send_signal(signal.SIGKILL)
-  assert proc.wait() == -signal.SIGKILL  # Killed mid-run, not finished.
-  return os.listdir(directory)
-
-
-def test_sigkill_during_a_save_then_resume_is_bitwise_equal(tmp_path):
-  """With every random or stateful recipe ingredient on: RandAugment, mixup and CutMix,
-  EMA, gradient accumulation, stochastic depth."""
-  overrides = ["--config.total_steps=200", "--config.checkpoint_every=20",
-               "--config.log_every=10", "--config.evals.test.every=1000",
-               "--config.input.pp=randaug(2,10)|random_shift(2)|value_range(-1,1)|onehot(10)",
-               "--config.mixup.alpha=0.2", "--config.cutmix.alpha=1.0",
-               "--config.ema_decay=0.99", "--config.ema_warmup=True",
-               "--config.grad_accum_steps=2", "--config.model.depth=2"]
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  run_train(straight, *overrides)
-
-  left = _kill_during_a_save(killed, overrides)
-  done = [int(n) for n in left if n.isdigit()]
-  assert any("tmp" in n for n in left)  # A half-written checkpoint was left behind...
-  resumed = run_train(killed, *overrides)  # ...and the last complete one is used.
-  assert f"Resuming from the checkpoint of step {max(done)}" in resumed.stderr
-  assert max(done) < 200
-  for part in ("params", "ema"):
-    a = dict(_leaves(_params(straight, 200, part)))
-    b = dict(_leaves(_params(killed, 200, part)))
-    assert a.keys() == b.keys() and a
-    for name in a:
-      assert a[name].tobytes() == b[name].tobytes(), f"{part}{name} differs after resume"
-  assert losses(straight) == losses(killed)  # The logged curve too, step for step.
 
 
 def test_data_parallel_over_8_devices_matches_1_device(tmp_path):

@@ -105,6 +105,9 @@ def defaults() -> ConfigDict:
 
   c.mesh = [("data", -1)]  # (axis, size); -1 takes the devices left over.
   c.sharding_rules = [(".*", "replicate")]  # (regex on param path, replicate | fsdp)
+  # Several processes: one that stops answering for this long (dead, hung, cut off)
+  # makes the others exit with an error instead of waiting forever.
+  c.heartbeat_timeout_s = 100
 
   c.log_every = 50
   c.checkpoint_every = 500
@@ -171,26 +174,40 @@ def _experiment_error(path: str, what: str, error: Exception) -> ConfigError:
   return ConfigError(f"experiment {where} {what}: {type(error).__name__}: {message}")
 
 
-def resolve(config: ConfigDict, overrides: Sequence[str] = ()) -> ConfigDict:
-  """Lays `config` over `defaults()`, then applies `KEY=VALUE` overrides; validates keys."""
+def resolve(config: ConfigDict, overrides: Sequence[str] = (),
+            errors: list[str] | None = None) -> ConfigDict:
+  """Lays `config` over `defaults()`, then applies `KEY=VALUE` overrides; validates keys.
+
+  With an `errors` list, each bad override is appended to it (and skipped) instead of
+  raised, so a command line with several mistakes reports them all at once.
+  """
   merged = defaults()
   _merge(merged, config, prefix="")
   for item in overrides:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise ConfigError(f"override {shown(item)} must look like --config.KEY=VALUE")
     try:
-      set_value(merged, key, value)
-    except ConfigError:
-      raise
-    except (ValueError, TypeError) as e:  # ConfigDict's own refusals (dotted keys, ...).
-      raise ConfigError(f"override {shown(item)}: {shown(e)}") from None
+      _apply(merged, item)
+    except ConfigError as e:
+      if errors is None:
+        raise
+      errors.append(str(e))
   for key, value in merged.expected.items():
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"config.expected[{shown(key)}] must be a number (the published value "
                         f"of that metric), got {shown(value)}")
   merged.lock()
   return merged
+
+
+def _apply(config: ConfigDict, item: str) -> None:
+  key, sep, value = item.partition("=")
+  if not sep:
+    raise ConfigError(f"override {shown(item)} must look like --config.KEY=VALUE")
+  try:
+    set_value(config, key, value)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:  # ConfigDict's own refusals (dotted keys, ...).
+    raise ConfigError(f"override {shown(item)}: {shown(e)}") from None
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -16,7 +16,7 @@ import ast
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from vitcls import configs
 
@@ -32,9 +32,13 @@ _OPTIONAL = {"total_steps": int, "total_examples": int, "total_epochs": float,
              "class_weights": (str, list, tuple)}
 
 
-def check(config, *, num_devices: int | None = None, process_count: int = 1) -> None:
-  """Raises one ConfigError naming every problem of `config` (one per line), if any."""
-  found = problems(config, num_devices=num_devices, process_count=process_count)
+def check(config, *, num_devices: int | None = None, process_count: int = 1,
+          known: Sequence[str] = ()) -> None:
+  """Raises one ConfigError naming every problem of `config` (one per line), if any.
+
+  `known`: problems found before (e.g. bad command-line overrides), listed first.
+  """
+  found = [*known, *problems(config, num_devices=num_devices, process_count=process_count)]
   if len(found) == 1:
     raise ConfigError(found[0])
   if found:
@@ -260,7 +264,7 @@ def _dataset(out, key: str, name: str, data_dir: str) -> None:
 
 
 def _logging(c, out) -> None:
-  for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("log_every", "checkpoint_every", "keep_checkpoints", "heartbeat_timeout_s"):
     _need(out, c[key] >= 1, f"config.{key} must be >= 1, got {c[key]}")
 
 
