@@ -5,6 +5,8 @@ CONFIG ?= experiments/mnist5k_vit.py
 WORKDIR ?= workdir/default
 ARGS ?=
 PYTEST_ARGS ?=
+# Test files run in this many processes (each file's tests together, in one of them).
+TEST_WORKERS ?= 2
 # Which jax wheel the venv gets: cpu | cuda | tpu.
 ACCELERATOR ?= cpu
 
@@ -23,7 +25,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/python -m vitcls.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,14 +1,27 @@
 """Shared fixtures: one TFDS data dir per session, and a helper to run the CLI."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPERIMENT = os.path.join(REPO, "experiments", "mnist5k_vit.py")
+
+# One JAX compilation cache for the whole session, set before JAX is imported: the many
+# runs of the same tiny models (in-process, in CLI subprocesses, in xdist workers, which
+# inherit this environment) compile each program once. Cached programs are the same
+# executables, so results do not change.
+if "VITCLS_TEST_JAX_CACHE" not in os.environ:
+  os.environ["VITCLS_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="vitcls-test-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["VITCLS_TEST_JAX_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["VITCLS_TEST_JAX_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -96,7 +96,7 @@ def parse(spec: str) -> Preprocess:
                             f"{', '.join(available_ops())}")
     try:
       ops.append(_REGISTRY[name](*args, **kwargs))
-    except (TypeError, ValueError, OverflowError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
       raise PreprocessError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
   return Preprocess(spec, tuple(ops))
 
