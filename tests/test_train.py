@@ -195,3 +195,23 @@ def test_recipe_fields_reach_the_run_and_bad_values_are_one_line_errors(tmp_path
     with pytest.raises(configs.ConfigError) as info:
       build.step_options(bad, num_devices=1)
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_the_cli_turns_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  from vitcls import configs, train  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    config = configs.resolve(configs.ConfigDict(), [f"compilation_cache_dir={tmp_path}/c"])
+    train._compilation_cache(config)  # pylint: disable=protected-access
+    assert jax.config.jax_compilation_cache_dir == f"{tmp_path}/c"
+    jax.config.update("jax_compilation_cache_dir", before)
+    train._compilation_cache(configs.resolve(  # pylint: disable=protected-access
+        configs.ConfigDict(), ["compilation_cache_dir="]))
+    assert jax.config.jax_compilation_cache_dir == before  # "" leaves it off.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", before or "x")
+    train._compilation_cache(config)  # pylint: disable=protected-access
+    assert jax.config.jax_compilation_cache_dir == before  # The environment wins.
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

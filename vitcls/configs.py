@@ -109,6 +109,10 @@ def defaults() -> ConfigDict:
   # makes the others exit with an error instead of waiting forever.
   c.heartbeat_timeout_s = 100
 
+  # JAX's persistent compilation cache: a second launch of the same program skips most of
+  # its compilation. "" turns it off; $JAX_COMPILATION_CACHE_DIR, when set, wins.
+  c.compilation_cache_dir = "~/.cache/vitcls/jax"
+
   c.log_every = 50
   c.checkpoint_every = 500
   c.keep_checkpoints = 2

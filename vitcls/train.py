@@ -49,6 +49,14 @@ class _QuietLibraries:
     return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
 
 
+def _compilation_cache(config) -> None:
+  """Turns on JAX's persistent compilation cache where the config says (see defaults)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if config.compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(config.compilation_cache_dir))
+
+
 def _join_cluster(config) -> None:
   """jax.distributed.initialize when asked, with the config's failure timeout."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -71,6 +79,7 @@ def main(argv) -> None:
                              errors=bad_overrides)
     # Everything but the devices now, before any heavy import; the devices once known.
     validate.check(config, process_count=_NUM_PROCESSES.value or 1, known=bad_overrides)
+    _compilation_cache(config)
     _join_cluster(config)
     import jax  # pylint: disable=g-import-not-at-top
     validate.check(config, num_devices=jax.device_count(),

@@ -145,6 +145,9 @@ def _schedule(c, out) -> None:
         f"[0, 1], got {s.warmup_percent}")
   _need(out, s.end_factor >= 0, f"config.schedule.end_factor must be >= 0, got "
         f"{s.end_factor}")
+  if c.total_steps is not None and isinstance(c.total_steps, int):
+    _need(out, s.warmup_steps <= c.total_steps, f"config.schedule.warmup_steps "
+          f"({s.warmup_steps}) is longer than the run (total_steps {c.total_steps})")
   _need(out, s.timescale > 0, f"config.schedule.timescale must be > 0, got {s.timescale}")
   if s.decay_type == "stair":
     b = list(s.boundaries)
