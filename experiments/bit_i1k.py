@@ -74,17 +74,6 @@ def get_config(arg=None):
   c.checkpoint_every = 1000
 
   if arg.runlocal:
-    c.input.data = configs.ConfigDict(dict(name="mnist5k", split="train"))
-    c.num_classes = 10
-    c.total_steps = 9 if arg.schedule == "step" else 4
-    c.input.batch_size = 8
-    c.input.num_workers = 0
-    c.input.pp = c.input.pp.replace("(224", "(32").replace("(1000)", "(10)")
-    c.model = configs.ConfigDict(dict(depth=[1, 1, 1, 1], width=1))
-    c.schedule.warmup_steps = 1
-    local = pp_eval.replace("256", "36").replace("(224", "(32").replace("(1000)", "(10)")
-    c.evals = configs.ConfigDict({"val": dict(type="classification", split="test[:200]",
-                                              pp=local, batch_size=200, every=4)})
-    c.log_every = 1
-    c.checkpoint_every = 2
+    configs.imagenet_runlocal(c, dict(depth=[1, 1, 1, 1], width=1), batch=8,
+                              steps=9 if arg.schedule == "step" else 4)
   return c

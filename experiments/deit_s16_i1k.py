@@ -71,21 +71,7 @@ def get_config(arg=None):
   c.checkpoint_every = 1000
 
   if arg.runlocal:
-    c.input.data = configs.ConfigDict(dict(name="mnist5k", split="train"))
-    c.num_classes = 10
-    c.total_steps = 4
-    c.input.batch_size = 16
-    c.input.num_workers = 0
-    c.input.pp = c.input.pp.replace("(224", "(32").replace("(1000)", "(10)")
-    c.model = configs.ConfigDict(dict(width=32, depth=2, mlp_dim=64, num_heads=2,
+    configs.imagenet_runlocal(c, dict(width=32, depth=2, mlp_dim=64, num_heads=2,
                                       patch_size=8, pool_type="tok", posemb="learn",
                                       stoch_depth=0.1))
-    c.schedule.warmup_steps = 1
-    c.evals.val.split = "test"
-    c.evals.val.pp = (pp_eval.replace("256", "36").replace("(224", "(32")
-                      .replace("(1000)", "(10)"))
-    c.evals.val.batch_size = 500
-    c.evals.val.every = 2
-    c.log_every = 1
-    c.checkpoint_every = 2
   return c

@@ -73,20 +73,7 @@ def get_config(arg=None):
   c.keep_checkpoints = 2
 
   if arg.runlocal:
-    c.input.data = configs.ConfigDict(dict(name="mnist5k", split="train"))
-    c.num_classes = 10
-    c.total_steps = 4
-    c.input.batch_size = 16
-    c.input.num_workers = 0
-    c.input.pp = c.input.pp.replace("224", "32").replace("1000", "10")
-    c.model = configs.ConfigDict(dict(width=32, depth=1, mlp_dim=64, num_heads=2,
+    configs.imagenet_runlocal(c, dict(width=32, depth=1, mlp_dim=64, num_heads=2,
                                       patch_size=8, rep_size=True, pool_type="gap",
                                       posemb="sincos2d"))
-    c.schedule.warmup_steps = 1
-    pp_local = pp_eval.replace("256", "36").replace("224", "32").replace("1000", "10")
-    c.evals = configs.ConfigDict({
-        "val": dict(type="classification", split="test", pp=pp_local, batch_size=500,
-                    every=2)})
-    c.log_every = 1
-    c.checkpoint_every = 2
   return c

@@ -347,6 +347,32 @@ def _convert(text: str, current: Any, key: str, kind: type | None = None) -> Any
   return _literal(text)
 
 
+def imagenet_runlocal(c: ConfigDict, model: dict, *, batch: int = 16,
+                      steps: int = 4) -> ConfigDict:
+  """Shrinks an ImageNet experiment to seconds on a CPU, for `runlocal=True`.
+
+  The same pp ops on mnist5k (decoded to RGB) at 32 px instead of 224 (eval: resize to
+  36, crop 32), 10 classes, `model` (a tiny one of the same family), and the experiment's
+  `val` evaluator on the first 200 test digits: every op and model path runs, in seconds.
+  """
+  def shrink(pp: str) -> str:
+    return pp.replace("(256", "(36").replace("(224", "(32").replace("(1000)", "(10)")
+  val = c.evals.val
+  c.input.data = ConfigDict(dict(name="mnist5k", split="train"))
+  c.num_classes = 10
+  c.total_steps = steps
+  c.input.batch_size = batch
+  c.input.num_workers = 0
+  c.input.pp = shrink(c.input.pp)
+  c.model = ConfigDict(model)
+  c.schedule.warmup_steps = 1
+  c.evals = ConfigDict({"val": dict(type=val.type, split="test[:200]", pp=shrink(val.pp),
+                                    batch_size=200, every=2)})
+  c.log_every = 1
+  c.checkpoint_every = 2
+  return c
+
+
 def total_steps(config: ConfigDict, num_train_examples: int) -> int:
   """Training length in steps: total_steps, else total_examples, else total_epochs."""
   batch = config.input.batch_size

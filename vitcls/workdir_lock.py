@@ -173,7 +173,6 @@ class WorkdirLock:
     self._interval = min(_HEARTBEAT_S, self.stale_after / 5)
     self._me: Holder | None = None
     self._held = False
-    self._last_touch = 0.0
     self._lost: str | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -217,13 +216,9 @@ class WorkdirLock:
     self.release()
 
   def refresh(self) -> None:
-    """Cheap: raises if the lock was lost; touches the file at most once a heartbeat."""
+    """Raises if the heartbeat found the lock lost (a flag read: no I/O, once a step)."""
     if self._lost:
       raise WorkdirLockLostError(self._lost)
-    if time.monotonic() - self._last_touch >= self._interval:
-      self._touch()
-      if self._lost:
-        raise WorkdirLockLostError(self._lost)
 
   # Internals.
 
@@ -278,7 +273,6 @@ class WorkdirLock:
       with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     self._held = True
-    self._last_touch = time.monotonic()
     self._lost = None
     self._stop.clear()
     return True
@@ -380,7 +374,6 @@ class WorkdirLock:
         return
       with contextlib.suppress(OSError):
         os.utime(self.path)
-      self._last_touch = time.monotonic()
 
   def _lost_message(self) -> str:
     seen = self._inspect()
