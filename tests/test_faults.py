@@ -25,7 +25,8 @@ OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
              "--config.input.pp=randaug(2,10)|random_shift(2)|value_range(-1,1)|onehot(10)",
              "--config.mixup.alpha=0.2", "--config.cutmix.alpha=1.0",
              "--config.ema_decay=0.99", "--config.ema_warmup=True",
-             "--config.grad_accum_steps=2", "--config.model.depth=2"]
+             "--config.grad_accum_steps=2", "--config.model.depth=2",
+             "--config.input.on_device=False"]  # RandAugment runs on the host.
 
 
 @pytest.fixture(scope="module")

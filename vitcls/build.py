@@ -16,7 +16,9 @@ import jax
 import numpy as np
 
 from vitcls import configs, losses, mixing, models, optim, sharding, state, steps
-from vitcls.data import pipeline, preprocess, sources
+from vitcls.data import device_pp, pipeline, preprocess, sources
+
+_NO_PP = preprocess.Preprocess("", ())
 
 
 @dataclasses.dataclass
@@ -33,6 +35,9 @@ class Run:
   init_fn: Callable[[], state.TrainState]
   abstract_state: state.TrainState  # ShapeDtypeStructs carrying the state shardings.
   train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated.
+  # With `input.on_device`: the prepared training split on every device; batches are
+  # then {"_index": example indices} and `train_step` gathers and augments them.
+  device_data: dict[str, jax.Array] | None = None
 
   @property
   def num_params(self) -> int:
@@ -58,13 +63,70 @@ class Run:
     labels = None
     if c.input.balanced_sampling:
       labels = sources.labels(c.input.data.name, c.input.data.split, c.input.data_dir or None)
+    source, pp = self.source, self.pp
+    if self.device_data is not None:  # The same example stream, as indices.
+      source, pp = _Indices(len(self.source)), _NO_PP
     dataset = pipeline.train_dataset(
-        self.source, self.pp, global_batch=c.input.batch_size, seed=c.seed,
+        source, pp, global_batch=c.input.batch_size, seed=c.seed,
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count(), balanced_labels=labels)
     return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
                             prefetch=c.input.prefetch, num_workers=c.input.num_workers,
                             device_prefetch=c.input.device_prefetch)
+
+
+class _Indices:
+  """A source whose example i is just {"_index": i}: the stream of `input.on_device`."""
+
+  def __init__(self, n: int):
+    self._n = n
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {"_index": np.int32(index)}
+
+
+class _DeviceInputStep:
+  """`train_step(state, {"_index": ...})` over the device-resident split.
+
+  Gathers the batch's examples, runs the device part of the pp spec, then the usual
+  step, all in one jitted call; the dataset is an argument (not a constant baked into
+  the program), so compilation and the compilation cache do not depend on its size.
+  """
+
+  def __init__(self, jitted, data):
+    self._jitted, self._data = jitted, data
+
+  def __call__(self, train_state, batch):
+    return self._jitted(train_state, self._data, batch)
+
+  def lower(self, train_state, batch):
+    return self._jitted.lower(train_state, self._data, batch)
+
+
+def _device_data(source, spec: str, mesh) -> dict[str, jax.Array]:
+  """The training split through the host prefix of `spec`, replicated on every device."""
+  data = device_pp.load(source, spec)
+  device_pp.check_labels(data, spec)
+  whole = sharding.replicated(mesh)
+  return {k: jax.make_array_from_callback(v.shape, whole, lambda i, v=v: v[i])
+          for k, v in data.items()}
+
+
+def _device_input_step(core, spec: str, shardings, batch_sharding, mesh):
+  augment = device_pp.augmenter(spec)
+
+  def step(train_state, data, batch):
+    examples = device_pp.gather(data, batch["_index"])
+    examples = jax.lax.with_sharding_constraint(examples, batch_sharding)
+    examples = augment(examples, device_pp.augmentation_key(train_state.rng,
+                                                            train_state.step))
+    return core(train_state, examples)
+
+  return jax.jit(step, in_shardings=(shardings, sharding.replicated(mesh), batch_sharding),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def step_options(config, num_devices: int) -> steps.StepOptions:
@@ -117,11 +179,17 @@ def build(config) -> Run:
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, options),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, sharding.replicated(mesh)),
-      donate_argnums=0)
+  core = steps.make_train_step(model, tx, schedule, options)
+  device_data = None
+  if config.input.on_device:
+    device_data = _device_data(source, config.input.pp, mesh)
+    train_step = _DeviceInputStep(
+        _device_input_step(core, config.input.pp, shardings, batch_sharding, mesh),
+        device_data)
+  else:
+    train_step = jax.jit(core, in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
   return Run(config=config, mesh=mesh, batch_sharding=batch_sharding, source=source, pp=pp,
              total_steps=total_steps, model=model, schedule=schedule, init_fn=init_fn,
-             abstract_state=abstract, train_step=train_step)
+             abstract_state=abstract, train_step=train_step, device_data=device_data)

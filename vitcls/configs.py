@@ -55,6 +55,9 @@ def defaults() -> ConfigDict:
   c.input.num_workers = 0  # Worker processes for preprocessing; 0 = threads only.
   c.input.device_prefetch = 2  # Batches already on device ahead of the step.
   c.input.balanced_sampling = False  # Every class equally often (stream stays (seed, step)).
+  # Keep the prepared training split on the devices and augment in the train step (small
+  # datasets; the pp's ops after its first random one must have JAX twins).
+  c.input.on_device = False
 
   # Durations: total_steps wins over total_examples, which wins over total_epochs.
   c.total_steps = config_dict.placeholder(int)

@@ -186,7 +186,12 @@ def _input(c, out) -> None:
     _need(out, i[key] >= 0, f"config.input.{key} must be >= 0, got {i[key]}")
   _need(out, isinstance(i.data.get("name"), str) and bool(i.data.get("name")),
         "config.input.data.name must name a dataset (TFDS name or folder:PATH)")
-  _pp(out, "input.pp", i.pp)
+  if _pp(out, "input.pp", i.pp) and i.on_device:
+    from vitcls.data import preprocess  # pylint: disable=g-import-not-at-top
+    try:
+      preprocess.split_for_device(i.pp)
+    except preprocess.PreprocessError as e:
+      out.append(f"config.{e}")
   _need(out, c.num_classes > 0, f"config.num_classes must be > 0, got {c.num_classes}")
 
 
@@ -325,12 +330,15 @@ def _pairs(out, key: str, rules, value_ok: Callable[[Any], bool], shape: str) ->
     _regex(out, key, [rule[0]])
 
 
-def _pp(out, key: str, spec) -> None:
+def _pp(out, key: str, spec) -> bool:
+  """Appends what is wrong with the pp string `spec`; True when it parses."""
   from vitcls.data import preprocess, randaug  # pylint: disable=g-import-not-at-top,unused-import
   if not isinstance(spec, str):
     out.append(f"config.{key} must be a pp string like 'resize(32)|value_range(-1,1)'")
-    return
+    return False
   try:
     preprocess.parse(spec)
   except preprocess.PreprocessError as e:
     out.append(f"config.{key}: {e}")
+    return False
+  return True

@@ -101,6 +101,34 @@ def parse(spec: str) -> Preprocess:
   return Preprocess(spec, tuple(ops))
 
 
+# `input.on_device` (vitcls.data.device_pp) splits a spec before its first op that draws
+# from the rng: the prefix runs once per example on the host, the rest in the train step,
+# where only ops with a JAX twin can run. Both lists live here, JAX-free, for validation.
+RANDOM_OPS = ("random_crop", "random_shift", "inception_crop", "flip_lr", "randaug",
+              "random_erasing")
+ON_DEVICE_OPS = ("drop", "flip_lr", "keep", "normalize", "onehot", "random_crop",
+                 "random_shift", "value_range")
+
+
+def split_for_device(spec: str) -> tuple[str, list[tuple[str, str, tuple, dict]]]:
+  """(host prefix spec, [(text, name, args, kwargs)] of the rest) for `input.on_device`.
+
+  Raises PreprocessError naming the first op after a random one that has no JAX twin.
+  """
+  calls = []
+  for text in (t.strip() for t in spec.split("|")):
+    if text:
+      calls.append((text, *_parse_call(text)))
+  first = next((i for i, c in enumerate(calls) if c[1] in RANDOM_OPS), len(calls))
+  for text, name, _, _ in calls[first:]:
+    if name not in ON_DEVICE_OPS:
+      raise PreprocessError(
+          f"input.on_device: pp op {shown(text)} comes after the first random op and has "
+          f"no on-device version (those are {', '.join(ON_DEVICE_OPS)}): move it before "
+          f"the random ops or set config.input.on_device=False")
+  return "|".join(c[0] for c in calls[:first]), calls[first:]
+
+
 def _hw(size, width=None) -> tuple[int, int]:
   return (int(size), int(size if width is None else width))
 

@@ -1,0 +1,125 @@
+"""`input.on_device`: the split kept on devices, augmented in the step, same stream contract."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitcls import build, configs, validate
+from vitcls.data import device_pp, preprocess
+from tests.conftest import DEFAULT_EXPERIMENT
+
+
+def _images(n=64, h=6, w=7, c=2, seed=0):
+  return np.random.default_rng(seed).integers(1, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def _run(spec, batch, key=jax.random.key(3)):
+  return jax.device_get(jax.jit(device_pp.augmenter(spec))(batch, key))
+
+
+def test_the_spec_splits_before_its_first_random_op():
+  prefix, rest = device_pp.split("decode|resize(32)|random_shift(2)|value_range(-1,1)")
+  assert prefix == "decode|resize(32)"
+  assert [c[1] for c in rest] == ["random_shift", "value_range"]
+  assert device_pp.split("resize(8)|onehot(10)") == ("resize(8)|onehot(10)", [])
+  with pytest.raises(device_pp.DeviceInputError, match="'randaug.2,10.'.*on_device=False"):
+    device_pp.split("random_shift(2)|randaug(2,10)|value_range(-1,1)")
+  # The JAX-free list the validator uses names exactly the ops that have a twin.
+  assert device_pp.available_ops() == sorted(preprocess.ON_DEVICE_OPS)
+
+
+def test_the_validator_names_an_op_without_a_twin_before_anything_is_built():
+  config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"),
+                           ["input.pp=random_shift(2)|randaug(2,10)|onehot(10)"])
+  problems = validate.problems(config, num_devices=1, process_count=1)
+  assert any("input.on_device" in p and "randaug" in p for p in problems), problems
+  config.input.on_device = False
+  assert validate.problems(config, num_devices=1, process_count=1) == []
+
+
+def test_random_shift_is_a_zero_filled_shift_of_at_most_max_px_and_draws_every_shift():
+  images = _images(n=400)
+  out = _run("random_shift(2)", {"image": images})["image"]
+  assert out.shape == images.shape and out.dtype == images.dtype
+  seen = set()
+  for img, got in zip(images, out):
+    padded = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+    matches = [(dy, dx) for dy in range(5) for dx in range(5)
+               if np.array_equal(padded[dy:dy + 6, dx:dx + 7], got)]
+    assert len(matches) == 1  # Pixels are never 0, so exactly one window fits.
+    seen.add(matches[0])
+  assert len(seen) == 25  # All (2*2+1)^2 shifts, 400 draws: each has p ~ 1e-7 of missing.
+
+
+def test_random_crop_and_flip_are_windows_and_mirrors_of_each_example():
+  images = _images(n=200)
+  out = _run("random_crop(4, 5)|flip_lr", {"image": images})["image"]
+  assert out.shape == (200, 4, 5, 2)
+  flipped = 0
+  for img, got in zip(images, out):
+    windows = [img[t:t + 4, l:l + 5] for t in range(3) for l in range(3)]
+    plain = any(np.array_equal(w, got) for w in windows)
+    mirrored = any(np.array_equal(w[:, ::-1], got) for w in windows)
+    assert plain or mirrored
+    flipped += mirrored and not plain
+  assert 70 < flipped < 130  # Binomial(200, 1/2): outside this range has p < 1e-4.
+
+
+def test_deterministic_ops_equal_the_host_ops():
+  images, labels = _images(n=8), np.arange(8, dtype=np.int32) % 5
+  spec = "value_range(-1,1)|onehot(5, on=0.9, off=0.025)"
+  # random_shift(0) draws but moves nothing: the ops after it run on the device.
+  got = _run("random_shift(0)|" + spec, {"image": images, "label": labels})
+  host = preprocess.parse(spec)
+  for i in range(8):
+    want = host({"image": images[i], "label": labels[i]}, np.random.default_rng(0))
+    np.testing.assert_allclose(got["image"][i], want["image"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["labels"][i], want["labels"])
+  norm = "normalize((0.485, 0.456), (0.229, 0.224))"
+  got = _run("random_shift(0)|" + norm, {"image": images})["image"]
+  want = np.stack([preprocess.parse(norm)({"image": x}, None)["image"] for x in images])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert _run("random_shift(0)|keep('image')", {"image": images, "label": labels}).keys() == {"image"}
+
+
+def test_draws_depend_on_the_key_and_the_position_only():
+  images = np.repeat(_images(n=1), 16, axis=0)  # 16 copies of one image.
+  a = _run("random_shift(3)", {"image": images})["image"]
+  b = _run("random_shift(3)", {"image": images})["image"]
+  c = _run("random_shift(3)", {"image": images}, key=jax.random.key(4))["image"]
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert len({x.tobytes() for x in a}) > 1  # Positions draw apart, even for equal images.
+  # Example i's draw does not depend on the batch it sits in.
+  head = _run("random_shift(3)", {"image": images[:5]})["image"]
+  np.testing.assert_array_equal(head, a[:5])
+
+
+def test_the_device_stream_trains_on_the_same_examples_as_the_host_stream():
+  experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
+  runs = {}
+  for on_device in (False, True):
+    config = configs.resolve(experiment, [f"input.on_device={on_device}"])
+    runs[on_device] = build.build(config)
+  device = runs[True]
+  assert device.device_data["image"].shape == (4000, 28, 28, 1)
+  assert device.device_data["image"].dtype == jnp.uint8
+  host_batches, device_batches = runs[False].batches(0), device.batches(0)
+  later = device.batches(2)
+  for step in range(4):
+    host, index = next(host_batches), next(device_batches)["_index"]
+    labels = np.asarray(device.device_data["label"])[np.asarray(index)]
+    np.testing.assert_array_equal(labels, np.asarray(host["label"]))
+    if step >= 2:  # A resumed stream starts at its step, not replaying the earlier ones.
+      np.testing.assert_array_equal(np.asarray(next(later)["_index"]), np.asarray(index))
+
+
+def test_a_train_step_on_device_input_is_a_pure_function_of_state_and_step():
+  config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"), [])
+  run = build.build(config)
+  batch = next(run.batches(0))
+  first = [float(run.train_step(run.init_state(), batch)[1]["loss"]) for _ in range(2)]
+  assert first[0] == first[1] and np.isfinite(first[0])
+  lowered = run.train_step.lower(run.init_state(), batch)
+  assert lowered.compile().cost_analysis()  # Benchmarks read FLOPs through `.lower`.
