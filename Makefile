@@ -10,7 +10,7 @@ TEST_WORKERS ?= 2
 # Which jax wheel the venv gets: cpu | cuda | tpu.
 ACCELERATOR ?= cpu
 
-.PHONY: train test clean
+.PHONY: train test bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(VENV)/bin/python -m vitcls.train --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
+
+# Benchmarks: every figure as a ratio measured in one run; see benchmarks/README.md.
+# The comparison with timm needs torch and timm (`pip install -e ".[bench]"`; for a
+# CPU-only torch add --extra-index-url https://download.pytorch.org/whl/cpu); without
+# them that row says it was skipped.
+BENCH_ARGS ?=
+bench: $(VENV)/.installed
+	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -1,77 +1,101 @@
-"""How much of the bare train step's speed survives the input pipeline, in one run.
+"""How much of the bare train step's speed the real training loop keeps.
 
-    python benchmarks/loop_overhead.py --config=experiments/mnist5k_vit.py \
-        [--steps=200] [--out=results.json] [--config.KEY=VALUE ...]
+    python -m benchmarks.loop_overhead [--tiny]
 
-Three timings of the same compiled step, each after a warm-up:
-  bare_step  train_step on one batch already on device (the ceiling);
-  pipeline   the input pipeline alone, batches delivered on device;
-  fed_step   train_step fed by the pipeline, as in `vitcls.train`.
-Ratios: `pipeline_headroom = pipeline / bare_step` (above 1, the host outruns the step)
-and `fed_over_bare = fed_step / bare_step` (1 means the step never waits for input).
-On a CPU-only machine host preprocessing and the step share the same cores, so
-`fed_over_bare` is lower there than on an accelerator host.
+`loop` is `vitcls.loop.train` itself on the default experiment (experiments/
+mnist5k_vit.py: its input pipeline, logging every 50 steps, async checkpoints every
+500, as configured; evals off): img/s from its own `img_per_sec` metric, each logging
+interval after the first (which holds compilation) one sample. `bare` is the same
+model's jitted train step called back to back on one batch already on the device: the
+ceiling. The headline is loop / bare; the same loop with the host input pipeline
+(`input.on_device=False`) is measured beside it, to show what keeping the data on the
+device buys.
 """
 
 from __future__ import annotations
 
 import json
-import time
+import os
+import statistics
+import tempfile
 
-from absl import app, flags
+from absl import logging
 import jax
 
-from vitcls import build, configs
+from benchmarks import common
+from vitcls import build, configs, loop
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment file, `path.py[:k=v,...]`.")
-_STEPS = flags.DEFINE_integer("steps", 200, "Timed steps per measurement.")
-_OUT = flags.DEFINE_string("out", None, "Optional JSON file for the results.")
-_OVERRIDES: list[str] = []
-
-
-def _img_per_s(fn, steps: int, batch: int) -> float:
-  fn(5)  # Warm-up: compilation, thread start, first transfers.
-  start = time.perf_counter()
-  fn(steps)
-  return steps * batch / (time.perf_counter() - start)
+EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "experiments", "mnist5k_vit.py")
 
 
-def main(argv):
-  del argv
-  config = configs.resolve(configs.load_experiment(_CONFIG.value), _OVERRIDES)
-  run = build.build(config)
-  state = run.init_state()
-  batches = run.batches(0)
-  fixed = next(batches)
-  holder = {"state": state}
+def _config(tiny: bool, overrides=()):
+  arg = ":runlocal=True" if tiny else ""
+  return configs.resolve(configs.load_experiment(EXPERIMENT + arg), list(overrides))
 
-  def bare(n):
-    for _ in range(n):
-      holder["state"], metrics = run.train_step(holder["state"], fixed)
+
+def bare_img_per_s(config, steps: int, repeats: int) -> common.Timing:
+  """Seconds per `steps` bare steps: the host-pipeline build's step on one fixed batch."""
+  host = configs.resolve(config, ["input.on_device=False"])
+  run = build.build(host)
+  holder = {"state": run.init_state()}
+  batch = next(run.batches(0))
+
+  def steps_fn():
+    for _ in range(steps):
+      holder["state"], metrics = run.train_step(holder["state"], batch)
     jax.block_until_ready(metrics)
+  return common.time_it(steps_fn, repeats=repeats, warmup=1)
 
-  def pipe(n):
-    for _ in range(n):
-      batch = next(batches)
-    jax.block_until_ready(batch)
 
-  def fed(n):
-    for _ in range(n):
-      holder["state"], metrics = run.train_step(holder["state"], next(batches))
-    jax.block_until_ready(metrics)
+def loop_img_per_s(config, steps: int) -> list[float]:
+  """img/s of each logging interval of a real `loop.train` run, the first one left out."""
+  config = configs.resolve(config, [f"total_steps={steps}"])
+  config.evals = configs.ConfigDict()
+  with tempfile.TemporaryDirectory() as workdir:
+    loop.train(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+  rates = [r["img_per_sec"] for r in rows if "img_per_sec" in r]
+  return rates[1:] or rates
 
-  b = config.input.batch_size
-  results = {name: _img_per_s(fn, _STEPS.value, b)
-             for name, fn in (("bare_step", bare), ("pipeline", pipe), ("fed_step", fed))}
-  results.update(pipeline_headroom=results["pipeline"] / results["bare_step"],
-                 fed_over_bare=results["fed_step"] / results["bare_step"],
-                 config=_CONFIG.value, overrides=_OVERRIDES, steps=_STEPS.value,
-                 devices=run.mesh.size, backend=jax.default_backend())
-  print(json.dumps(results, indent=2))
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+
+def run(tiny: bool) -> common.Result:
+  logging.set_verbosity(logging.WARNING)
+  config = _config(tiny)
+  steps = 6 if tiny else 1000
+  batch = config.input.batch_size
+  bare_steps, repeats = (3, 2) if tiny else (50, 3)
+  before = bare_img_per_s(config, bare_steps, repeats)
+  device_rates = loop_img_per_s(config, steps)
+  # Tiny: the host pipeline's loop is left out (it only adds a comparison row).
+  host_rates = device_rates if tiny else loop_img_per_s(
+      configs.resolve(config, ["input.on_device=False"]), steps // 2)
+  after = bare_img_per_s(config, bare_steps, repeats)
+  bare_samples = sorted(bare_steps * batch / t for t in (before.median, after.median))
+  bare = statistics.mean(bare_samples)
+  loop_rate, host_rate = statistics.median(device_rates), statistics.median(host_rates)
+  figures = {
+      "experiment": "experiments/mnist5k_vit.py" + (":runlocal=True" if tiny else ""),
+      "batch": batch, "loop_steps": steps,
+      "bare_img_per_s": bare, "bare_before_and_after": bare_samples,
+      "loop_img_per_s": loop_rate, "loop_intervals": device_rates,
+      "host_pipeline_loop_img_per_s": host_rate, "host_pipeline_intervals": host_rates,
+      "loop_over_bare": loop_rate / bare,
+      "host_pipeline_loop_over_bare": host_rate / bare,
+  }
+  spread = f"{min(device_rates) / bare:.2f}-{max(device_rates) / bare:.2f}"
+  rows = [
+      common.Row("loop_overhead", "bare step img/s (default experiment)", bare, "img/s",
+                 f"{bare_samples[0]:.0f}-{bare_samples[-1]:.0f}"),
+      common.ratio_row("loop_overhead", "training loop / bare step", loop_rate / bare, 0.97,
+                       spread),
+      common.ratio_row("loop_overhead", "same with the host input pipeline",
+                       host_rate / bare,
+                       spread=f"{min(host_rates) / bare:.2f}-{max(host_rates) / bare:.2f}"),
+  ]
+  return common.Result("loop_overhead", figures, rows)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=configs.flags_parser(_OVERRIDES))
+  common.main(run)

@@ -4,10 +4,13 @@ This is `make train`. Where its numbers come from: a 4-block, width-128, patch-7
 AdamW (lr 3e-3, 100 warmup steps then cosine), label smoothing 0.1, batch 128 and random
 2-pixel shifts, measured in vitcls on 2 CPU cores: with weight decay 1e-4 and no
 stochastic depth it fits the 4,000 training digits completely and reaches 97.0% test
-top-1 after 2,000 steps; weight decay 0.05 and stochastic depth 0.1 (below) reach 97.8%
-in 4 min 42 s. The acceptance bar of this default run is 97%. Augmentation, measured
-the same way (2,000 steps): without the random shifts 94.5%; with them plus mixup 0.2 and
-CutMix 1.0, 97.2% (shifts alone: 97.7% on a second machine), so mixing stays off here.
+top-1 after 2,000 steps; weight decay 0.05 and stochastic depth 0.1 (below) reach 97.7%
+with an MLP of 512. The MLP here is 256 wide: 97.5% after 2,000 steps, and `make train`
+takes 196 s instead of 224 s for the 512-wide MLP cut to the same time budget (1,600
+steps, 97.7%; at 1,400 steps it falls to 96.9%). The acceptance bar of this default run
+is 97%. Augmentation, measured the same way (2,000 steps, MLP 512): without the random
+shifts 94.5%; with them plus mixup 0.2 and CutMix 1.0, 97.2%, so mixing stays off here.
+The digits stay on the device (`input.on_device`), shifted inside the train step.
 
 Arguments (`--config=experiments/mnist5k_vit.py:steps=500,runlocal=True`):
   steps: training steps.
@@ -34,7 +37,7 @@ def get_config(arg=None):
   c.model_name = "vit"
   c.num_classes = 10
   c.model = configs.ConfigDict(dict(
-      width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=7,
+      width=128, depth=4, mlp_dim=256, num_heads=4, patch_size=7,
       pool_type="gap", posemb="learn", dropout=0.0, stoch_depth=0.1))
 
   c.optax_name = "adamw"

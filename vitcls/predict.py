@@ -67,6 +67,17 @@ def load_image(path: str, pp: preprocess.Preprocess, image_shape) -> np.ndarray:
   return np.asarray(image, np.float32)
 
 
+def _load_chunk(paths: list[str], pp: preprocess.Preprocess, image_shape):
+  """(model inputs of the files that load, {path: one-line error} of those that don't)."""
+  images, errors = [], {}
+  for path in paths:
+    try:
+      images.append(load_image(path, pp, image_shape))
+    except (OSError, UserError, ValueError) as e:
+      errors[path] = str(e).splitlines()[0] if str(e) else type(e).__name__
+  return images, errors
+
+
 def ood_threshold(workdir: str, config, model, params, mesh) -> float:
   """The run's chosen MSP-score threshold; computed on the first eval split if none."""
   finals = report.final_metrics(workdir, report.read_metrics(workdir))
@@ -93,19 +104,21 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
   pp = preprocess.parse(f"decode(channels={image_shape[-1]})|{pp_spec}")
   threshold = ood_threshold(workdir, config, model, params, mesh)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))
+  on_device = jax.device_put(params)  # Once, not with every batch.
   files = list_images(inputs)
   topk = max(1, min(topk, config.num_classes))
   rows, counts = [], {"predicted": 0, "failed": 0, "flagged": 0}
-  for start in range(0, len(files), batch_size):
-    chunk, images, errors = files[start:start + batch_size], [], {}
-    for path in chunk:
-      try:
-        images.append(load_image(path, pp, image_shape))
-      except (OSError, UserError, ValueError) as e:
-        errors[path] = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if images:
+  chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
+  loaded = _load_chunk(chunks[0], pp, image_shape) if chunks else None
+  for i, chunk in enumerate(chunks):
+    images, errors = loaded
+    if images:  # Dispatched, not waited for: the model runs while the next files load.
       batch = np.stack(images + [images[0]] * (batch_size - len(images)))  # One shape: one compile.
-      probs = np.asarray(forward(params, batch))[:len(images)]
+      pending = forward(on_device, batch)
+    if i + 1 < len(chunks):
+      loaded = _load_chunk(chunks[i + 1], pp, image_shape)
+    if images:
+      probs = np.asarray(pending)[:len(images)]
     good = iter(range(len(images)))
     for path in chunk:
       if path in errors:

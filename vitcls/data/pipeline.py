@@ -18,6 +18,8 @@ earlier steps.
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import functools
 import sys
 from typing import Any, Iterator
@@ -185,6 +187,24 @@ def to_global(local_batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Arr
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), numeric)
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h.
+
+
+def keep_freed_memory(*unused) -> None:
+  """Lets glibc reuse freed batch buffers instead of returning them to the kernel.
+
+  glibc serves every allocation above its mmap threshold (at most 32 MB by default) with
+  a fresh mmap and unmaps it on free, so each new batch of that size (64 float32
+  224-px images are 38 MB) page-faults all its memory in again, under a lock every
+  preprocessing thread shares: the pipeline ran 1.4-3x slower than with the threshold at
+  256 MB. The cost is that the process keeps up to that much freed memory for reuse.
+  A no-op where the C library has no mallopt.
+  """
+  del unused  # Also serves as grain's worker_init_fn, which passes worker arguments.
+  with contextlib.suppress(OSError, AttributeError):
+    ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 256 << 20)
+
+
 def iterate(ds: grain.MapDataset, sharding, *, num_threads: int = 4, prefetch: int = 4,
             num_workers: int = 0,
             device_prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
@@ -196,10 +216,12 @@ def iterate(ds: grain.MapDataset, sharding, *, num_threads: int = 4, prefetch: i
   are transferred while the current step runs, so in steady state the step never waits
   on the host as long as the host keeps up.
   """
+  keep_freed_memory()
   host_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                  prefetch_buffer_size=prefetch))
   if num_workers > 0:
-    host_ds = host_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    host_ds = host_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=keep_freed_memory)
   host = iter(host_ds)
   queue = collections.deque()
   for local in host:

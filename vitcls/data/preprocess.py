@@ -149,10 +149,10 @@ def _resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarr
           (hw[1], hw[0]), resample=resample))
       for c in range(img.shape[-1])]
   out = np.stack(channels, axis=-1)
-  if np.issubdtype(img.dtype, np.integer):
+  if np.issubdtype(img.dtype, np.integer):  # In place: image-sized temporaries cost.
     info = np.iinfo(img.dtype)
-    out = np.clip(np.round(out), info.min, info.max)
-  return out.astype(img.dtype)
+    np.clip(np.round(out, out=out), info.min, info.max, out=out)
+  return out.astype(img.dtype, copy=False)
 
 
 def _check_method(method: str) -> None:
@@ -298,8 +298,15 @@ def _to_rgb(key="image") -> Op:
 def _value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> Op:
   """Maps [in_min, in_max] linearly to [vmin, vmax] as float32."""
   scale = (vmax - vmin) / (in_max - in_min)
-  return _on_key(key, lambda img, rng: ((img.astype(np.float32) - in_min) * scale
-                                        + vmin).astype(np.float32))
+  def op(img, rng):
+    # In place on one fresh float32 array: the same float32 arithmetic as
+    # (x - in_min) * scale + vmin, without three image-sized temporaries.
+    out = img.astype(np.float32)
+    out -= in_min
+    out *= scale
+    out += vmin
+    return out
+  return _on_key(key, op)
 
 
 def normalize_constants(mean, std) -> tuple[np.ndarray, np.ndarray]:
@@ -499,6 +506,8 @@ def _to_mode(img: Image.Image, mode: str) -> np.ndarray:
     img = img.convert("RGBA")
   elif img.mode not in ("1", "L", "LA", "RGB", "RGBA"):  # CMYK, YCbCr, F, ...
     img = img.convert("RGB")
+  if img.mode == mode:  # convert() would only copy the decoded image.
+    return np.asarray(img)
   return np.asarray(img.convert(mode))
 
 

@@ -132,8 +132,11 @@ def blend(degenerate: np.ndarray, img: np.ndarray, factor: float) -> np.ndarray:
   PIL's ImageEnhance and big_vision's blend.
   """
   d = degenerate.astype(np.float32)
-  out = d + np.float32(factor) * (img.astype(np.float32) - d)  # Degenerate may be HW1.
-  return np.clip(out, 0, 255).astype(np.uint8)
+  out = img.astype(np.float32)  # In place from here: d + factor (x - d), no temporaries.
+  out -= d  # Degenerate may be HW1.
+  out *= np.float32(factor)
+  out += d
+  return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
 def color(img: np.ndarray, factor: float) -> np.ndarray:

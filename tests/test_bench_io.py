@@ -1,0 +1,65 @@
+"""Smoke tests of the input and prediction benchmarks at tiny sizes: they run, write their
+JSON, and what each compares is comparable. Tiny timings mean nothing: none is asserted."""
+
+import json
+import os
+
+import numpy as np
+
+from benchmarks import common, pipeline, predict
+
+
+def _written(result, tmp_path):
+  path = common.write(result, str(tmp_path))
+  assert os.path.basename(path) == f"{result.name}_tiny.json"
+  with open(path) as f:
+    data = json.load(f)
+  assert data["tiny"] and data["rows"] and data["machine"]["cpus"]
+  return data
+
+
+def _goals(data):
+  return {r["figure"]: r["goal"] for r in data["rows"] if r["goal"]}
+
+
+def test_pipeline_compares_batches_of_the_same_kind(tmp_path):
+  data = _written(pipeline.run(tiny=True), tmp_path)
+  goals = _goals(data)
+  assert goals["mnist5k pipeline / train step, as configured"] == ">= 2"
+  assert goals["ImageNet-style vitcls / tf.data, img/s per core"] == ">= 1"
+  runs = data["figures"]["imagenet_style"]["pipelines"]
+  assert {"vitcls", "tf_data", "vitcls_no_randaug", "tf_data_no_randaug"} <= set(runs)
+  for name, (run,) in runs.items():  # The same batches as the trainer takes, each side.
+    batch = run["batch"]
+    assert batch["shape"] == [4, 32, 32, 3] and batch["dtype"] == "float32", name
+    assert -1 <= batch["min"] < batch["min"] + 0.5 < batch["max"] <= 1, name
+    assert batch["label_shape"] == [4], name
+    assert run["img_per_s"] > 0, name
+
+
+def test_benchmark_jpegs_are_photo_sized(tmp_path):
+  """500x375 JPEGs of 40-160 KB, as ImageNet's: decoding them costs what photos cost."""
+  paths, labels = pipeline.write_jpegs(str(tmp_path), 4)
+  kb = [os.path.getsize(p) / 1024 for p in paths]
+  assert all(40 < k < 160 for k in kb), kb
+  assert labels == [0, 1, 2, 3]
+
+
+def test_tf_randaug_operations_keep_uint8_images_of_the_same_shape():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from benchmarks import tf_pp  # pylint: disable=g-import-not-at-top
+  image = tf.constant(np.random.default_rng(0).integers(0, 256, (12, 16, 3), np.uint8))
+  for name, op in tf_pp.OPS.items():
+    out = op(image, 10.0)
+    assert out.dtype == tf.uint8 and tuple(out.shape) == (12, 16, 3), name
+  np.testing.assert_array_equal(tf_pp.OPS["Invert"](image, 10.0), 255 - image.numpy())
+
+
+def test_predict_writes_a_row_per_image(tmp_path):
+  data = _written(predict.run(tiny=True), tmp_path)
+  figures = data["figures"]
+  assert figures["csv_rows"] == figures["images"] == 24 and figures["csv_errors"] == 0
+  assert _goals(data) == {"predict at volume / bare forward": ">= 0.5"}
+  assert figures["savedmodel_latency"]["median_ms"] > 0
+  assert figures["image_shape"] == [28, 28, 1]
+
