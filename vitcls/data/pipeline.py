@@ -136,6 +136,13 @@ class BalancedSource:
     return self._source[self.index(position)]
 
 
+def example_stream(source, seed: int, balanced_labels=None) -> grain.MapDataset:
+  """Stream position -> source example: shuffled per epoch, or class-balanced."""
+  if balanced_labels is None:
+    return grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  return grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
+
+
 def train_dataset(source, pp: preprocess.Preprocess, *, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   balanced_labels: np.ndarray | None = None) -> grain.MapDataset:
@@ -146,11 +153,7 @@ def train_dataset(source, pp: preprocess.Preprocess, *, global_batch: int, seed:
   per-epoch shuffle, exactly as it always was.
   """
   local_batch = _check_divisible(global_batch, process_count)
-  if balanced_labels is None:
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  else:
-    ds = grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
-  ds = ds.random_map(pp)
+  ds = example_stream(source, seed, balanced_labels).random_map(pp)
   ds = ds.batch(local_batch, drop_remainder=True)  # Local batch j = positions j*b..(j+1)*b.
   ds = ds[process_index::process_count]  # Local batch k*P + p is this process's part of k.
   return ds[start_step:]
