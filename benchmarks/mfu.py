@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from vitcls import build, configs, models, optim, sharding, state, steps
+from vitcls import build, configs, models, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_EXPERIMENT = os.path.join(REPO, "experiments", "vit_s16_i1k.py")
@@ -166,23 +166,15 @@ def make_step(spec: Spec, mesh=None, rules=None) -> StepBench:
   config = make_config(spec, mesh, rules)
   mesh_ = sharding.make_mesh(config.mesh)
   model = models.build(config.model_name, config.num_classes, config.model)
-  tx, schedule = optim.make_optimizer(config, config.total_steps)
   image_shape = (spec.image_size, spec.image_size, 3)
-  init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
-                               ema=bool(config.ema_decay),
-                               count_skips=config.skip_nonfinite_updates)
-  abstract = jax.eval_shape(init_fn)
-  shardings = sharding.tree_shardings(mesh_, abstract, config.sharding_rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  init_fn, abstract, shardings, _, core = build.state_and_step(
+      config, mesh_, model, image_shape, config.total_steps)
   batch_sharding = sharding.batch_sharding(mesh_)
   batch = {"image": jax.ShapeDtypeStruct((spec.batch, *image_shape), jnp.float32,
                                          sharding=batch_sharding),
            "labels": jax.ShapeDtypeStruct((spec.batch, spec.num_classes), jnp.float32,
                                           sharding=batch_sharding)}
-  step = jax.jit(steps.make_train_step(model, tx, schedule,
-                                       build.step_options(config, mesh_.size)),
-                 in_shardings=(shardings, batch_sharding),
+  step = jax.jit(core, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh_)), donate_argnums=0)
   return StepBench(spec, config, model, mesh_, step, abstract, batch, init_fn)
 

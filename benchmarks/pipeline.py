@@ -19,7 +19,6 @@
     when other work shares the machine: a pipeline with more threads gets a larger share
     of contended cores), both without randaug, tf.data with big_vision's fused
     decode-and-crop (it decodes only the crop), grain with worker processes, and a
-    what-if: grain with glibc keeping freed memory (see `keep_freed_memory`).
 
 Every pipeline may use every core this process may run on; per core is img/s divided by
 their number. They run one after the other in this process, each to a steady state
@@ -276,25 +275,6 @@ def _describe(sample: dict[str, np.ndarray]) -> dict[str, Any]:
           "label_shape": list(sample["label"].shape)}
 
 
-# glibc's mallopt parameter: allocations above it are mmapped afresh and unmapped on free.
-M_MMAP_THRESHOLD = -3
-
-
-def keep_freed_memory(threshold: int = 256 << 20) -> bool:
-  """What-if for a proposed change: glibc keeps freed blocks up to `threshold` for reuse.
-
-  By default glibc maps every block above 32 MB afresh (a batch of 64 224x224x3 float32
-  images is 38 MB) and unmaps it when freed, so each batch page-faults its memory in
-  again, under a lock all threads share. Process-wide and not undone: run it last.
-  Returns False where there is no glibc.
-  """
-  import ctypes  # pylint: disable=g-import-not-at-top
-  try:
-    return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold))
-  except (OSError, AttributeError):
-    return False
-
-
 def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
   """vitcls's grain pipeline against tf.data on the same JPEGs, and variants of both.
 
@@ -328,17 +308,13 @@ def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
         "tf_data_fused_decode": lambda: tf_batches(paths, labels, batch, size=size,
                                                    randaug_layers=2, fused_decode=True),
         "vitcls_workers": lambda: vitcls_batches(root, full_pp, batch, **processes),
-        "vitcls_keep_freed_memory": lambda: vitcls_batches(root, full_pp, batch, **threads),
     }
     order = ["vitcls", "tf_data"] * rounds + list(makers)[2:]
     if tiny:  # For the test suite: no worker processes (seconds to start), no second
-      # randaug graph to trace, and no process-wide malloc change in a test process.
-      order = [n for n in order if n not in ("vitcls_workers", "tf_data_fused_decode",
-                                             "vitcls_keep_freed_memory")]
+      # randaug graph to trace.
+      order = [n for n in order if n not in ("vitcls_workers", "tf_data_fused_decode")]
     measured: dict[str, list[dict[str, Any]]] = {}
-    for name in order:  # keep_freed_memory is last: it is not undone.
-      if name == "vitcls_keep_freed_memory" and not keep_freed_memory():
-        continue
+    for name in order:
       timing, cpu, sample = time_pipeline(makers[name], chunk, repeats, warmup,
                                           settle=not tiny)
       measured.setdefault(name, []).append({
@@ -391,8 +367,6 @@ def _imagenet_rows(measured, cores: int, label: str) -> list[common.Row]:
   ratio("vitcls", "tf_data_fused_decode",
         "ImageNet-style vitcls / tf.data with fused decode+crop")
   ratio("vitcls_workers", "tf_data", "ImageNet-style vitcls worker processes / tf.data")
-  ratio("vitcls_keep_freed_memory", "tf_data",
-        "ImageNet-style vitcls, glibc keeps freed memory (what-if) / tf.data")
   return rows
 
 

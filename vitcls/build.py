@@ -170,6 +170,25 @@ def step_options(config, num_devices: int) -> steps.StepOptions:
   return steps.StepOptions.from_config(config, weights)
 
 
+def state_and_step(config, mesh, model, image_shape, total_steps: int):
+  """(init_fn, abstract state carrying its shardings, the shardings, lr schedule, train step).
+
+  The train step is not jitted yet. `build` and the benchmarks that time the step on
+  synthetic inputs share this, so both run the same state and step.
+  """
+  options = step_options(config, mesh.size)
+  tx, schedule = optim.make_optimizer(config, total_steps)
+  init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
+                               ema=bool(config.ema_decay),
+                               count_skips=config.skip_nonfinite_updates)
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return init_fn, abstract, shardings, schedule, steps.make_train_step(
+      model, tx, schedule, options)
+
+
 def build(config) -> Run:
   """Validates what the config names (data, pp, model, optimiser, mesh) and builds it."""
   mesh = sharding.make_mesh(config.mesh)
@@ -185,17 +204,9 @@ def build(config) -> Run:
   if config.model_init and not os.path.exists(config.model_init):
     raise configs.ConfigError(f"config.model_init: '{config.model_init}' does not exist: "
                               f"give an .npz checkpoint or a vitcls workdir")
-  options = step_options(config, mesh.size)
-  tx, schedule = optim.make_optimizer(config, total_steps)
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
-  init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
-                               ema=bool(config.ema_decay),
-                               count_skips=config.skip_nonfinite_updates)
-  abstract = jax.eval_shape(init_fn)
-  shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-  core = steps.make_train_step(model, tx, schedule, options)
+  init_fn, abstract, shardings, schedule, core = state_and_step(
+      config, mesh, model, image_shape, total_steps)
   device_data = None
   if config.input.on_device:
     device_data = _device_data(source, config.input.pp, mesh)
