@@ -40,6 +40,7 @@ class Timing:
             "high": items / self.low}
 
   def as_dict(self) -> dict[str, float]:
+    """The timing as JSON fields (seconds), for a result's `figures`."""
     return dataclasses.asdict(self)
 
 
@@ -77,6 +78,7 @@ class Result:
   plots: list[str] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict[str, Any]:
+    """What `write` stores: figures and rows, with the machine they were measured on."""
     return {"name": self.name, "tiny": self.tiny, "machine": machine(),
             "figures": self.figures, "rows": [dataclasses.asdict(r) for r in self.rows],
             "plots": self.plots}
@@ -115,6 +117,7 @@ def write(result: Result, results_dir: str = RESULTS_DIR) -> str:
 
 
 def format_value(value: float) -> str:
+  """A figure as the summary table shows it: about 3 significant digits, thousands split."""
   if value == 0 or 0.01 <= abs(value) < 100_000:
     return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.1f}"
   return f"{value:.3g}"

@@ -12,7 +12,9 @@ spawn time):
   backend  the first device query (XLA client start-up);
   build    `build.build`: opens the data source, builds model and optimiser, traces shapes;
   init     the initialiser compiled and run;
-  data     the first batch through the input pipeline, on device;
+  data     what the loop opens before its first step (checkpoint manager, evaluators,
+           metric files; clu's writers are imported in the background after it), and
+           the first batch through the input pipeline, on device;
   trace / lower / compile   the train step's jaxpr, StableHLO and executable (a warm
            cache still traces and lowers: the cache key is a hash of the lowered module);
   step     the first step's execution.
@@ -83,6 +85,7 @@ def _vit_b16(image: int, width: int, depth: int, mlp: int, heads: int, patch: in
 
 
 def models(tiny: bool) -> list[Model]:
+  """The launched models: the default experiment (with the CLI timed) and ViT-B/16."""
   from vitcls import configs
   # 4,000 images at 224 px would take 2.4 GB on the device: ViT-B/16 streams them.
   big = ("input.on_device=False",) if "on_device" in configs.defaults().input else ()
@@ -185,6 +188,16 @@ def child(argv: list[str]) -> dict:
   mark("build")
   state = jax.block_until_ready(run.init_state())
   mark("init")
+  from vitcls import checkpoint, evaluators, writers  # pylint: disable=g-import-not-at-top
+  workdir = tempfile.mkdtemp(prefix="first-step-")
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                 asynchronous=config.async_checkpoints)
+  ckpt.restore_latest(run.abstract_state)
+  for name, cfg in config.evals.items():
+    cfg = evaluators.resolve(name, cfg)
+    evaluators.get(cfg.type).Evaluator(cfg, model=run.model, train_config=config,
+                                       mesh=run.mesh, batch_sharding=run.batch_sharding)
+  writers.DeferredWriter(workdir, None, run.total_steps, config.log_every)
   batch = jax.block_until_ready(next(run.batches(0)))
   mark("data")
   start, first = time.time(), len(events.log)
@@ -306,6 +319,7 @@ def _prepare_data(model: Model) -> None:
 
 
 def run(tiny: bool) -> common.Result:
+  """Cold then warm launches of every model, each repeat in a new cache directory."""
   todo = models(tiny)
   for m in todo:
     _prepare_data(m)

@@ -61,6 +61,7 @@ def loop_img_per_s(config, steps: int) -> list[float]:
 
 
 def run(tiny: bool) -> common.Result:
+  """Training loop / bare step img/s on the default experiment (goal >= 0.97), host pp beside it."""
   logging.set_verbosity(logging.WARNING)
   config = _config(tiny)
   steps = 6 if tiny else 1000

@@ -130,17 +130,21 @@ class StepBench:
 
   @property
   def compiler_options(self) -> Optional[dict]:
+    """Tiny CPU steps: XLA options that compile fast; None for steps timed for real."""
     if not self.spec.fast_compile or jax.default_backend() != "cpu":
       return None
     return {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
   def lower(self):
+    """The step lowered on the abstract state and batch: no arrays needed (compile timing)."""
     return self.step.lower(self.abstract_state, self.abstract_batch)
 
   def compile(self):
+    """The compiled step: what is timed, and what XLA's cost and memory analyses read."""
     return self.lower().compile(self.compiler_options)
 
   def init_state(self):
+    """A real initial state, sharded as in training (compiled with `compiler_options`)."""
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.abstract_state)
     init = jax.jit(self.init_fn, out_shardings=shardings)
     return init.lower().compile(self.compiler_options)()
@@ -248,6 +252,7 @@ def time_steps(bench: StepBench, compiled, steps_per_call: int, repeats: int,
 
 
 def timing_of(seconds: list[float]) -> common.Timing:
+  """A Timing of seconds timed one call at a time, interleaved with other work (as in `measure`)."""
   return common.Timing(statistics.median(seconds), min(seconds), max(seconds), len(seconds))
 
 
@@ -295,10 +300,12 @@ def measure(spec: Spec, *, tiny: bool, gpu: bool) -> dict[str, Any]:
 
 
 def spread(rates: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
+  """The `low-high` text of `rates` (times `scale`, e.g. 100 for %), for a row's spread."""
   return f"{rates['low'] * scale:.{digits}g}-{rates['high'] * scale:.{digits}g}"
 
 
 def run(tiny: bool) -> common.Result:
+  """MFU and img/s of each model's train step, and the matmul peak they are measured against."""
   gpu = on_gpu() and not tiny
   device_kind = jax.devices()[0].device_kind
   datasheet = datasheet_peak(device_kind) if gpu else None

@@ -371,6 +371,7 @@ def _imagenet_rows(measured, cores: int, label: str) -> list[common.Row]:
 
 
 def run(tiny: bool) -> common.Result:
+  """(a) the default experiment's input over its step, (b) ImageNet-style vitcls over tf.data."""
   default_figures, default_rows = default_experiment(tiny)
   imagenet_figures, imagenet_rows = imagenet_style(tiny)
   return common.Result(NAME, {"default_experiment": default_figures,

@@ -134,6 +134,7 @@ def paired_calls(one_file, all_files, repeats: int) -> tuple[list[float], list[f
 
 
 def run(tiny: bool) -> common.Result:
+  """predict at volume / bare forward (goal >= 0.5), end-to-end img/s, fixed cost, SavedModel ms."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from vitcls import predict  # pylint: disable=g-import-not-at-top
   count, repeats, batch_size = (24, 1, 8) if tiny else (3000, 5, 64)

@@ -32,6 +32,7 @@ def _arg(args: list[str], name: str, default: str | None = None) -> str | None:
 
 
 def main(args: list[str]) -> int:
+  """Runs `--only` (default: all) benchmarks in fresh processes, prints the summary; exit status."""
   only = _arg(args, "only")
   names = BENCHMARKS if not only else tuple(only.split(","))
   unknown = sorted(set(names) - set(BENCHMARKS))

@@ -48,6 +48,7 @@ MEMORY_VARIANTS = (("no_remat", "no remat", {}),
 
 
 def resolution_specs(tiny: bool, gpu: bool) -> list[mfu.Spec]:
+  """ViT-S/16 at 224, 384 and 512 px (GPU: ViT-B/16 in bf16; tiny: 16 and 32 px)."""
   if tiny:
     # 16 px is mfu's tiny step, so the test suite's compilation cache serves it.
     return [mfu.vit("ViT-S/16", "S/16", r, 8, True) for r in (16, 32)]
@@ -223,10 +224,12 @@ def plot(points: list[dict[str, Any]], path: str) -> None:
 
 
 def gib(n: float) -> float:
+  """Bytes in GiB, for the memory rows."""
   return n / 2 ** 30
 
 
 def run(tiny: bool, results_dir: str | None = None) -> common.Result:
+  """Resolution sweep, compile time, memory with and without remat, FSDP; plots `scaling.png`."""
   gpu = mfu.on_gpu() and not tiny
   points = sweep(resolution_specs(tiny, gpu), tiny, gpu)
   compile_, compiled = compile_times(memory_spec(tiny, gpu), repeats=1 if tiny else 3)

@@ -104,6 +104,7 @@ def import_torch_timm():
 
 
 def vitcls_config(s: Sizes, clip: float = 0.0):
+  """vitcls doing timm's work at sizes `s` (same ViT, AdamW, loss); `clip`: grad-norm clip."""
   from vitcls import configs  # pylint: disable=g-import-not-at-top
   pp = f"resize({s.image})|to_rgb|value_range(-1,1)|onehot({s.classes})"
   return configs.resolve(configs.ConfigDict(dict(
@@ -126,6 +127,7 @@ def timm_model(timm, s: Sizes, **kw):
 
 
 def num_params(torch_module) -> int:
+  """A torch module's parameter count, to check both sides train the same model."""
   return sum(p.numel() for p in torch_module.parameters())
 
 
@@ -166,6 +168,7 @@ def dot_product_attention():
 
 
 def build_run(config):
+  """`vitcls.build.build(config)`, imported here so that loading this module skips JAX."""
   from vitcls import build  # pylint: disable=g-import-not-at-top
   return build.build(config)
 
@@ -235,6 +238,7 @@ def vitcls_grad(run, batch_np):
 
 
 def vitcls_forward(run, batch_np):
+  """vitcls's forward pass alone (eval mode) on a device-resident batch: the `forward` variant."""
   import jax  # pylint: disable=g-import-not-at-top
   params = run.init_state().params
   images = jax.device_put(batch_np["image"], run.batch_sharding)
@@ -361,11 +365,13 @@ def _child_main(argv: list[str]) -> None:
 
 
 def skipped(tiny: bool) -> common.Result:
+  """The result without torch/timm: one NaN row saying the comparison was skipped."""
   return common.Result(NAME, {"skipped": SKIPPED}, [common.Row(NAME, SKIPPED, math.nan)],
                        tiny=tiny)
 
 
 def run(tiny: bool) -> common.Result:
+  """vitcls / timm img/s of the ViT-Ti/16 step (goal >= 1), one-core ratio, parameter check."""
   if import_torch_timm() is None:
     return skipped(tiny)
   s = TINY if tiny else FULL

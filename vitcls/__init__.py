@@ -1,0 +1,1 @@
+"""vitcls: Vision Transformer and BiT image classification in JAX, from configs to reports."""

@@ -39,6 +39,7 @@ class Run:
 
   @property
   def num_params(self) -> int:
+    """The model's parameter count, from the abstract state (nothing is allocated)."""
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(
         self.abstract_state.params))
 

@@ -76,6 +76,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
+    """The newest step orbax lists, or None; not checked for damage (`restore_latest` is)."""
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
@@ -174,6 +175,7 @@ class Checkpointer:
         f"or optimiser changed?): use a new --workdir ({problem[:200]})")
 
   def close(self) -> None:
+    """Waits for a save in flight to finish, so no good checkpoint is lost; then closes orbax."""
     self._manager.wait_until_finished()
     self._manager.close()
 

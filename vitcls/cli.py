@@ -11,6 +11,7 @@ _COMMANDS = {"train": "vitcls.train", "evaluate": "vitcls.evaluate",
 
 
 def main(argv: list[str] | None = None) -> None:
+  """Runs `vitcls COMMAND ARGS` as `python -m vitcls.COMMAND ARGS`; unknown commands exit 2."""
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in _COMMANDS:
     given = argv[1] if len(argv) > 1 else "nothing"

@@ -66,6 +66,7 @@ def evaluate(workdir: str, step: int | None = None, overrides=()) -> dict[str, f
 
 
 def main(argv) -> None:
+  """absl entry point: evaluates `--workdir`, prints each metric; a user error exits 2."""
   del argv
   try:
     if not FLAGS.workdir:

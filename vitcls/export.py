@@ -75,6 +75,7 @@ _EXPORTERS = {"npz": export_npz, "savedmodel": export_savedmodel}
 
 
 def main(argv) -> None:
+  """absl entry point: exports `--workdir` as `--format` to `--output`; a user error exits 2."""
   del argv
   try:
     if not FLAGS.workdir or not FLAGS.output:

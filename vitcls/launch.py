@@ -95,6 +95,7 @@ class Slurm:
   sbatch_args: Sequence[str] = ()
 
   def check(self) -> None:
+    """Raises LaunchError for resources no SLURM run can use, before a script is written."""
     if self.nodes < 1:
       raise LaunchError(f"--nodes must be at least 1, got {self.nodes}")
     if not self.gpus_per_node or self.gpus_per_node < 1:
@@ -105,6 +106,7 @@ class Slurm:
 
   @classmethod
   def from_flags(cls) -> Slurm:
+    """The resources given by the flags of `define_slurm_flags`."""
     return cls(nodes=FLAGS.nodes, gpus_per_node=FLAGS.gpus_per_node,
                cpus_per_task=FLAGS.cpus_per_task, time=FLAGS.time,
                partition=FLAGS.partition, account=FLAGS.account,
@@ -123,6 +125,7 @@ def train_argv(python: str, spec: str, workdir: str, overrides: Sequence[str]) -
 
 
 def default_job_name(spec: str, prefix: str = "") -> str:
+  """`prefix` + the experiment file's stem, characters SLURM dislikes made `_`."""
   stem = os.path.splitext(os.path.basename(spec.partition(":")[0]))[0]
   return prefix + "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 

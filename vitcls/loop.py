@@ -23,7 +23,6 @@ import threading
 import time
 
 from absl import logging
-from clu import periodic_actions
 import jax
 from jax.experimental import multihost_utils
 
@@ -147,9 +146,8 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
           batch_sharding=run.batch_sharding)
       for name, cfg in eval_configs.items()}
 
-  writer = writers.make_writer(workdir, resume_step)
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                             every_steps=config.log_every)
+  # clu's writers import TensorFlow: in the background, once the first step is queued.
+  writer = writers.DeferredWriter(workdir, resume_step, total_steps, config.log_every)
   batches = run.batches(start)
 
   def run_evals(step: int, names) -> dict[str, float]:
@@ -183,7 +181,8 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
       if pending is not None:  # Waits for step-1 only; this step is already queued.
         _check_finite(config, pending[1], pending[0], last_saved, ckpt.directory)
       pending = (step, metrics)
-      progress(step)
+      writer.start()
+      writer.progress(step)
       lock.refresh()
 
       if step % config.log_every == 0 or step == total_steps:

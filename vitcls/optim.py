@@ -27,6 +27,7 @@ from vitcls.validate import WD_MODES
 
 
 def warmup_steps(config, total_steps: int) -> int:
+  """Warmup length in steps: `schedule.warmup_steps`, else `warmup_percent` of the run."""
   s = config.schedule
   return int(s.warmup_steps or round(s.warmup_percent * total_steps))
 

@@ -154,6 +154,7 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
 
 
 def main(argv) -> None:
+  """absl entry point: writes `--output` (CSV) for `--input`, prints counts; user errors exit 2."""
   del argv
   try:
     if not FLAGS.workdir or not FLAGS.input:

@@ -25,6 +25,7 @@ EVALUATE_FILE = "evaluate.json"  # The last `vitcls.evaluate` results, in report
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """Every row of the workdir's `metrics.jsonl`, in order; [] before anything is logged."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
@@ -45,6 +46,7 @@ def save_artifacts(workdir: str, name: str, arrays: dict) -> None:
 
 
 def load_artifacts(workdir: str) -> dict[str, dict[str, np.ndarray]]:
+  """Each evaluator's arrays saved by `save_artifacts`, by name, for the report's plots."""
   out = {}
   for path in sorted(glob.glob(os.path.join(workdir, "report", "artifacts", "*.npz"))):
     with np.load(path, allow_pickle=False) as npz:

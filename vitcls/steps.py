@@ -41,6 +41,7 @@ class StepOptions:
 
   @classmethod
   def from_config(cls, config, class_weights=None) -> "StepOptions":
+    """The options a resolved config asks for; `class_weights` come from the data."""
     return cls(loss=config.loss, label_smoothing=config.label_smoothing,
                class_weights=class_weights, mixup_alpha=config.mixup.alpha,
                mixup_p=config.mixup.p, cutmix_alpha=config.cutmix.alpha,
@@ -51,6 +52,7 @@ class StepOptions:
 
   @property
   def mixes(self) -> bool:
+    """Whether any mixup / CutMix is on: without it the step skips mixing entirely."""
     return bool(self.mixup_alpha or self.mixup_p or self.cutmix_alpha)
 
 

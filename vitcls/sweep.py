@@ -226,6 +226,7 @@ def load_members(spec: str, common: Sequence[str] = ()) -> tuple[list[Member], l
 
 
 def swept_keys(members: Sequence[Member]) -> list[str]:
+  """Every key some member overrides, in first-seen order: the table's parameter columns."""
   keys = []
   for m in members:
     keys += [k for k in m.values if k not in keys]
@@ -236,6 +237,7 @@ def swept_keys(members: Sequence[Member]) -> list[str]:
 
 
 def read_member_file(member_dir: str) -> dict:
+  """A member's `sweep_member.json` (status, attempts, wall time), or {} if unreadable."""
   try:
     with open(os.path.join(member_dir, MEMBER_FILE)) as f:
       return json.load(f)
@@ -287,10 +289,12 @@ def pick_metric(results: Iterable[Mapping[str, float]], wanted: str | None) -> s
 
 
 def lower_is_better(metric: str) -> bool:
+  """Whether `metric` is a loss, error, ECE or NLL, so the best member has the lowest."""
   return metric.rsplit("/", 1)[-1].endswith(("loss", "error", "ece", "nll"))
 
 
 def format_duration(seconds: float | None) -> str:
+  """Seconds as people read them ("42.0 s", "3 min 05 s", "2 h 07 min"); "" for None."""
   if seconds is None:
     return ""
   seconds = float(seconds)
@@ -344,6 +348,7 @@ def _value_text(value: Any) -> str:
 
 
 def table_csv(table: dict) -> str:
+  """`sweep.csv`: one row per member, its swept values, metrics (full precision), status."""
   import csv  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
   out = io.StringIO()
@@ -366,6 +371,7 @@ def _cell(text: str) -> str:
 
 
 def table_markdown(table: dict, spec: str, common: Sequence[str]) -> str:
+  """`sweep.md`: members per status, the best one by the main metric, then the table."""
   rows, main = table["rows"], table["main"]
   counts = {}
   for r in rows:
@@ -443,6 +449,7 @@ def plot(table: dict, path: str) -> None:
 
 
 def write_reports(workdir: str, table: dict, spec: str, common: Sequence[str]) -> None:
+  """Rewrites `sweep.csv`, `sweep.md` and `sweep.png` in `workdir`, each atomically."""
   write_atomic(os.path.join(workdir, "sweep.csv"), table_csv(table))
   write_atomic(os.path.join(workdir, "sweep.md"), table_markdown(table, spec, common))
   plot(table, os.path.join(workdir, "sweep.png"))
@@ -509,6 +516,7 @@ class LocalRunner:
     self.running: dict[str, tuple] = {}  # name -> (member, Popen, start, info, log)
 
   def say(self, text: str) -> None:
+    """Prints one `[sweep]` progress line to `out`, flushed so logs read live keep up."""
     print(f"[sweep] {text}", file=self.out, flush=True)
 
   def _dir(self, m: Member) -> str:
@@ -597,6 +605,10 @@ class LocalRunner:
       self._finish(name, None, 0)
 
   def run(self) -> int:
+    """Trains every member not yet done (a rerun resumes the sweep); returns the exit status.
+
+    0 when all are done, 1 when any failed, 128 + the signal number when interrupted.
+    """
     import signal  # pylint: disable=g-import-not-at-top
     import time  # pylint: disable=g-import-not-at-top
     os.makedirs(self.workdir, exist_ok=True)

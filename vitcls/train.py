@@ -69,6 +69,10 @@ def _join_cluster(config) -> None:
 
 
 def main(argv) -> None:
+  """absl entry point: checks the config before JAX loads, joins the cluster, trains.
+
+  A user error exits 2 with one line; a preempted run exits 0 (the same command resumes).
+  """
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:

@@ -62,9 +62,11 @@ class Holder:
 
   @property
   def since(self) -> str:
+    """When the lock was taken, as UTC text for messages."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
 
   def describe(self) -> str:
+    """Host, pid and start of the holder, for messages that tell the user which run it is."""
     host = self.host if self.host.isprintable() else repr(self.host)
     return f"host {host}, pid {self.pid}, since {self.since}"
 
@@ -94,6 +96,7 @@ def _pid_namespace() -> str | None:
 
 
 def this_process() -> Holder:
+  """This process as a lock holder, with the ids that tell a restart or reused pid apart."""
   pid = os.getpid()
   return Holder(host=socket.gethostname(), pid=pid, started=time.time(),
                 token=uuid.uuid4().hex, boot_id=_read_text("/proc/sys/kernel/random/boot_id"),

@@ -1,5 +1,9 @@
 """Metric writers: console, TensorBoard and `metrics.jsonl`, through clu.
 
+clu's writers import TensorFlow (3 to 4 s on a CPU host, most of a warm launch), so the
+loop opens them through `DeferredWriter`: the import runs in a background thread once
+the first step is under way, and training does not wait for it.
+
 `metrics.jsonl` holds one JSON object per logged step (`{"step": s, "loss": ...}`), the
 format reports and tests read. A resumed run re-logs every step after its checkpoint, so
 both `metrics.jsonl` and the workdir's TensorBoard event files first lose what they hold
@@ -20,11 +24,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import threading
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from clu import metric_writers
 
 SUPERSEDED_DIR = "superseded"
 
@@ -99,13 +103,16 @@ def truncate_event_files(workdir: str, resume_step: int,
   The dropped events go to `superseded()/events.<i>.tfrecord` (TFRecord of Event protos).
   A record cut short at the end of a file (a kill mid-write) is left out of a rewrite.
   """
+  paths = event_files(workdir)
+  if not paths:
+    return 0
   # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.compat.proto import event_pb2
   from tensorboard.summary.writer import record_writer
   # pylint: enable=g-import-not-at-top
   dropped = 0
-  for path in event_files(workdir):
+  for path in paths:
     keep, drop = [], []
     for record in event_file_loader.RawEventFileLoader(path).Load():
       step = event_pb2.Event.FromString(record).step
@@ -132,8 +139,12 @@ def truncate_event_files(workdir: str, resume_step: int,
   return dropped
 
 
-class JsonlWriter(metric_writers.interface.MetricWriter):
-  """Appends scalars as one JSON object per (step, call) to a file."""
+class JsonlWriter:
+  """Appends scalars as one JSON object per (step, call) to a file.
+
+  A clu MetricWriter by its methods (clu's multi-writers only call them), without
+  subclassing clu's interface, so that this module imports no TensorFlow.
+  """
 
   def __init__(self, path: str, resume_step: int | None = None):
     self._path = path
@@ -143,36 +154,61 @@ class JsonlWriter(metric_writers.interface.MetricWriter):
     self._file = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    """One line: the step and every scalar as a float."""
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
     self._file.write(json.dumps(row) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_images(self, step, images):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_videos(self, step, videos):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_audios(self, step, audios, *, sample_rate):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_texts(self, step, texts):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_histograms(self, step, arrays, num_buckets=None):
-    pass
+    """No-op: `metrics.jsonl` holds scalars only."""
 
   def write_hparams(self, hparams):
-    pass
+    """No-op: the resolved config is in `config.json`."""
 
   def flush(self):
+    """Hands the lines written so far to the OS (a kill after this keeps them)."""
     self._file.flush()
 
   def close(self):
+    """Closes the file; the writer is unusable afterwards."""
     self._file.close()
+
+
+def _truncate_for_resume(workdir: str, resume_step: int | None) -> str:
+  """Sets aside what `metrics.jsonl` and the event files hold past `resume_step`."""
+  step = resume_step or 0
+  superseded = _Superseded(workdir, step)
+  jsonl = os.path.join(workdir, "metrics.jsonl")
+  truncate_jsonl(jsonl, step, superseded)
+  truncate_event_files(workdir, step, superseded)
+  return jsonl
+
+
+def _open_writers(workdir: str, jsonl: str | None):
+  """Console + TensorBoard + JSONL (`jsonl` set: process 0), or the console alone."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  if jsonl is None:
+    return metric_writers.LoggingWriter()
+  return metric_writers.AsyncMultiWriter([
+      metric_writers.LoggingWriter(),
+      metric_writers.SummaryWriter(workdir),
+      JsonlWriter(jsonl),
+  ])
 
 
 def make_writer(workdir: str, resume_step: int | None = None):
@@ -182,14 +218,81 @@ def make_writer(workdir: str, resume_step: int | None = None):
   metrics hold past it is set aside first.
   """
   if jax.process_index() != 0:
-    return metric_writers.LoggingWriter()
-  step = resume_step or 0
-  superseded = _Superseded(workdir, step)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
-  truncate_jsonl(jsonl, step, superseded)
-  truncate_event_files(workdir, step, superseded)
-  return metric_writers.AsyncMultiWriter([
-      metric_writers.LoggingWriter(),
-      metric_writers.SummaryWriter(workdir),
-      JsonlWriter(jsonl),
-  ])
+    return _open_writers(workdir, None)
+  return _open_writers(workdir, _truncate_for_resume(workdir, resume_step))
+
+
+class DeferredWriter:
+  """`make_writer`'s writers plus clu's progress report, opened without delaying training.
+
+  The metrics are set aside for the resume at once; clu (with TensorFlow) is imported in
+  a background thread when `start()` is called, which the loop does once its first step
+  is dispatched, so the import overlaps the steps instead of preceding them. Until then
+  `progress` skips (clu's report starts its clock on its first call) and every other call
+  waits for the import. Only the loop's own thread may call it, and that thread must not
+  import anything itself until the import is done: two threads importing modules that
+  import each other can fail, so the loop's steps (which import nothing) are the only
+  overlap.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None, total_steps: int,
+               every_steps: int):
+    self._workdir, self._total, self._every = workdir, total_steps, every_steps
+    self._jsonl = (_truncate_for_resume(workdir, resume_step)
+                   if jax.process_index() == 0 else None)
+    self._thread: threading.Thread | None = None
+    self._failure: BaseException | None = None
+    self._writer = None
+    self._progress = None
+
+  def start(self) -> None:
+    """Starts importing clu in the background (once)."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._import, name="vitcls-writers",
+                                       daemon=True)
+      self._thread.start()
+
+  def _import(self) -> None:
+    try:
+      # pylint: disable=g-import-not-at-top,unused-import
+      from clu import metric_writers, periodic_actions  # noqa: F401
+    except BaseException as e:  # pylint: disable=broad-except
+      self._failure = e
+
+  def _ready(self, wait: bool) -> bool:
+    """Opens the writers once the import is done; waits for it when `wait`."""
+    if self._writer is not None:
+      return True
+    self.start()
+    if not wait and self._thread.is_alive():
+      return False
+    self._thread.join()
+    if self._failure is not None:
+      raise self._failure
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+    self._writer = _open_writers(self._workdir, self._jsonl)
+    self._progress = periodic_actions.ReportProgress(
+        num_train_steps=self._total, writer=self._writer, every_steps=self._every)
+    return True
+
+  def progress(self, step: int) -> None:
+    """clu's ReportProgress (steps/s, ETA) once the writers are open; skipped before."""
+    if self._ready(wait=False):
+      self._progress(step)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Writes to every writer (starting the import if needed, and waiting for it)."""
+    self._ready(wait=True)
+    self._writer.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    """Flushes every writer (waiting for them to open); nothing to do before `start`."""
+    if self._thread is not None:
+      self._ready(wait=True)
+      self._writer.flush()
+
+  def close(self) -> None:
+    """Flushes and closes every writer; nothing to do before `start`."""
+    if self._thread is not None:
+      self._ready(wait=True)
+      self._writer.close()

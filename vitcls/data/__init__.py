@@ -1,0 +1,1 @@
+"""Input data: example sources (TFDS, image folders), host pp ops and the device pipeline."""

@@ -51,6 +51,7 @@ def register(name: str):
 
 
 def available_ops() -> list[str]:
+  """Names of the registered ops, listed by errors about an unknown op."""
   return sorted(_REGISTRY)
 
 

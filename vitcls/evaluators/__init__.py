@@ -30,6 +30,7 @@ def lazy_import(name: str):
 
 
 def available() -> list[str]:
+  """Evaluator type names: this package's modules, private (`_`) ones aside."""
   return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 

@@ -71,6 +71,7 @@ class Inference:
     return len(self.source)
 
   def run(self, params) -> dict[str, np.ndarray]:
+    """Each output as one NumPy array over the split's real examples, in dataset order."""
     parts = []
     batches = pipeline.iterate(self.dataset, self.batch_sharding,
                                num_threads=self.input.num_threads,

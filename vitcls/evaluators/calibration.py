@@ -18,6 +18,7 @@ _common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
+  """Config keys of a calibration eval and their defaults (15 bins, fitted on half the split)."""
   return ConfigDict({
       "type": "calibration",
       "data": "",
@@ -41,6 +42,10 @@ class Evaluator:
     self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
+    """ece, nll, brier, temperature, ece_scaled, nll_scaled and count of `params`.
+
+    `artifacts` then holds the reliability diagram's bins, before and after scaling.
+    """
     out = self.inference.run(params)
     logits, labels = out["logits"], _common.class_labels(out["labels"])
     probs = metrics.softmax(logits)

@@ -19,6 +19,7 @@ _common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
+  """Config keys of a classification eval and their defaults (the training data's test split)."""
   return ConfigDict({
       "type": "classification",
       "data": "",  # TFDS name or folder:PATH; empty: the training dataset.
@@ -43,6 +44,7 @@ class Evaluator:
     self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
+    """top1, top5, loss, balanced and worst-class accuracy, count; with `slice_by`, per group."""
     out = self.inference.run(params)
     logits, labels = out["logits"], _common.class_labels(out["labels"])
     confusion = metrics.confusion_matrix(np.argmax(logits, -1), labels, logits.shape[-1])

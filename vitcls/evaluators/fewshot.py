@@ -17,6 +17,7 @@ _common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
+  """Config keys of a few-shot probe and their defaults (1 to 25 shots, 3 seeds, l2 2^10)."""
   return ConfigDict({
       "type": "fewshot",
       "data": "",  # Probe dataset; empty: the training dataset.
@@ -45,6 +46,7 @@ class Evaluator:
     self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
+    """`{k}shot`: test accuracy of the ridge probe fitted on k shots per class, seed-averaged."""
     train, test = self.train.run(params), self.test.run(params)
     args = (train["pre_logits"], _common.class_labels(train["labels"]), test["pre_logits"],
             _common.class_labels(test["labels"]))

@@ -17,6 +17,7 @@ _common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
+  """Config keys of a multi-label eval and their defaults (F1 thresholds fit on half the split)."""
   return ConfigDict({
       "type": "multilabel",
       "data": "",
@@ -38,6 +39,7 @@ class Evaluator:
     self.artifacts: dict[str, np.ndarray] = {}
 
   def run(self, params) -> dict[str, float]:
+    """map, micro_f1, macro_f1 (thresholds chosen on validation data), count; per-label AP kept."""
     out = self.inference.run(params)
     scores, targets = metrics.sigmoid(out["logits"]), out["labels"] > 0.5
     if self.val is not None:

@@ -21,6 +21,7 @@ _common = _evaluators.lazy_import("vitcls.evaluators._common")
 
 
 def defaults() -> ConfigDict:
+  """Config keys of an OOD eval and their defaults; `ood_data` has none and must be set."""
   return ConfigDict({
       "type": "ood",
       "data": "",  # In-distribution dataset; empty: the training dataset.
@@ -68,6 +69,10 @@ class Evaluator:
     return score(self.inside.run(params)), score(self.outside.run(params))
 
   def run(self, params) -> dict[str, float]:
+    """`<score>/auroc`, `aupr`, `fpr95` and `threshold` per score, count_in and count_out.
+
+    `artifacts` then holds every per-example score, for the report's histograms.
+    """
     inside, outside = self.scores(params)
     results = {}
     for kind in SCORES:
