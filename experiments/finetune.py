@@ -24,7 +24,8 @@ Arguments (`--config=experiments/finetune.py:init=PATH,dataset=NAME,classes=N,re
   rgb: repeat grey images to three channels (published checkpoints are RGB); False for a
     checkpoint trained on grey images, such as the mnist5k ViT of `make train`.
   steps, warmup, lr, batch: as in the recipe above.
-  runlocal: a few steps with small batches, for tests.
+  runlocal: a few steps with small batches, for tests; from scratch (no `init`), also a
+    tiny model at no more than 32 px.
 
 Measured in vitcls (2 CPU cores, README "Start from a published checkpoint"): the mnist5k
 ViT of `make train` fine-tuned on scikit-learn's 8x8 digits upsampled to 42 px (a 6x6
@@ -65,6 +66,8 @@ def get_config(arg=None):
       arg, init="", model="vit", variant="", pool="tok", dataset="digits", classes=10,
       res=224, crop="resize", flip=False, rgb=True, steps=500, warmup=100, lr=0.01,
       batch=512, runlocal=False)
+  if arg.runlocal and not arg.init:
+    arg.res = min(arg.res, 32)
   c = configs.defaults()
   c.seed = 0
   c.model_name, model = _architecture(arg)

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,9 +28,24 @@ def _leaves(tree, prefix=""):
     yield prefix, np.asarray(tree)
 
 
-def test_runlocal_run_writes_the_workdir_contract(tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+  """The default experiment at runlocal size on 1 device: (workdir, process); read only."""
+  workdir = str(tmp_path_factory.mktemp("one") / "run")
+  return workdir, run_train(workdir, devices=1)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """The same on 8 devices, data parallel: (workdir, process); read only."""
+  workdir = str(tmp_path_factory.mktemp("dp") / "run")
+  return workdir, run_train(workdir, devices=8)
+
+
+def test_runlocal_run_writes_the_workdir_contract(one_device, tmp_path):
   workdir = str(tmp_path / "run")
-  proc = run_train(workdir)
+  shutil.copytree(one_device[0], workdir)
+  proc = one_device[1]
   assert "Final eval: " in proc.stdout and "test/count=1000.0000" in proc.stdout
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
@@ -51,17 +67,17 @@ def test_runlocal_run_writes_the_workdir_contract(tmp_path):
   assert len(read_metrics(workdir)) == len(rows) + 1  # Only the final eval again.
 
 
-def test_data_parallel_over_8_devices_matches_1_device(tmp_path):
-  one = run_train(str(tmp_path / "one"), devices=1)
-  dp = run_train(str(tmp_path / "dp"), devices=8)
-  fsdp = run_train(str(tmp_path / "fsdp"), "--config.mesh=[('data', 2), ('fsdp', 4)]",
-                   "--config.sharding_rules=[('.*', 'fsdp')]", devices=8)
-  assert "on 1 devices" in one.stderr
-  assert "on 8 devices" in dp.stderr and "on 8 devices" in fsdp.stderr
-  reference = losses(str(tmp_path / "one"))
+def test_data_parallel_over_8_devices_matches_1_device(one_device, eight_devices, tmp_path):
+  (one, one_proc), (dp, dp_proc) = one_device, eight_devices
+  fsdp = str(tmp_path / "fsdp")
+  fsdp_proc = run_train(fsdp, "--config.mesh=[('data', 2), ('fsdp', 4)]",
+                        "--config.sharding_rules=[('.*', 'fsdp')]", devices=8)
+  assert "on 1 devices" in one_proc.stderr
+  assert "on 8 devices" in dp_proc.stderr and "on 8 devices" in fsdp_proc.stderr
+  reference = losses(one)
   assert len(reference) == 6
-  for run in ("dp", "fsdp"):
-    curve = losses(str(tmp_path / run))
+  for run in (dp, fsdp):
+    curve = losses(run)
     assert curve.keys() == reference.keys()
     np.testing.assert_allclose([curve[s] for s in sorted(curve)],
                                [reference[s] for s in sorted(reference)],
@@ -128,12 +144,12 @@ def test_console_script_dispatches_to_the_trainer(tmp_path):
   assert usage.returncode == 2 and "expected a command (train, evaluate, predict, export, sweep, launch)" in usage.stderr
 
 
-def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
-  """Multi-host: 2 processes x 2 devices, each feeding its half of every batch."""
-  reference = str(tmp_path / "one")
-  run_train(reference, devices=4)
+def test_two_processes_train_like_one_process_with_the_same_devices(eight_devices, tmp_path):
+  """Multi-host: 2 processes x 4 devices, each feeding its half of every batch, against
+  one process with 8 devices."""
+  reference = eight_devices[0]
   workdir = str(tmp_path / "two")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -144,7 +160,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-  assert "on 4 devices" in outputs[0][1]
+  assert "on 8 devices" in outputs[0][1]
   a, b = losses(reference), losses(workdir)
   assert a.keys() == b.keys() and len(a) == 6
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)],
