@@ -16,13 +16,16 @@ Arguments (`--config=experiments/finetune.py:init=PATH,dataset=NAME,classes=N,re
   variant: the ViT variant ("B/16", "S/32", ...) or BiT size ("R50x1", "R101x3", ...);
     empty: B/16 or R50x1.
   pool: ViT pooling of the checkpoint ("tok" for AugReg / vision_transformer files).
-  dataset, classes: TFDS name (prepared in the data dir, or an embedded one) and its class
-    count; train on split `train`, evaluate on `test`.
+  dataset, classes: TFDS name (prepared in the data dir, or an embedded one) or
+    `folder:PATH` (a folder of images, one sub-folder per class), and its class count;
+    train on split `train`, evaluate on `test`.
   res: input resolution. crop: "resize" (resize to res) or "resize_crop" (resize to
     res * 7/6, then a random res crop: big_vision's resize_crop, 448 then 384).
   flip: random horizontal flips (big_vision's recipe uses them on natural images).
-  rgb: repeat grey images to three channels (published checkpoints are RGB); False for a
-    checkpoint trained on grey images, such as the mnist5k ViT of `make train`.
+  rgb: repeat grey images to three channels (published checkpoints are RGB). False for a
+    checkpoint trained on grey images, such as the mnist5k ViT of `make train`: every
+    image is then made grey, one channel (`decode(channels=1)` first in both pp: RGB
+    images, as a folder's always are, are converted; grey ones are left as they are).
   steps, warmup, lr, batch: as in the recipe above.
   runlocal: a few steps with small batches, for tests; from scratch (no `init`), also a
     tiny model at no more than 32 px.
@@ -82,9 +85,10 @@ def get_config(arg=None):
   if arg.crop not in crops:
     raise configs.ConfigError(f"finetune.py: unknown crop '{arg.crop}': use "
                               f"{' or '.join(crops)}")
+  grey = "" if arg.rgb else "decode(channels=1)|"  # Folders decode to RGB: back to grey.
   common = ("|to_rgb" if arg.rgb else "") + f"|value_range(-1,1)|onehot({arg.classes})"
   c.input.data = configs.ConfigDict(dict(name=arg.dataset, split="train"))
-  c.input.pp = crops[arg.crop] + ("|flip_lr" if arg.flip else "") + common
+  c.input.pp = grey + crops[arg.crop] + ("|flip_lr" if arg.flip else "") + common
   c.input.batch_size = arg.batch
   c.total_steps = arg.steps
 
@@ -98,7 +102,7 @@ def get_config(arg=None):
   c.schedule.warmup_steps = arg.warmup
 
   c.evals.test = configs.ConfigDict(dict(
-      type="classification", split="test", pp=f"resize({arg.res})" + common,
+      type="classification", split="test", pp=f"{grey}resize({arg.res})" + common,
       batch_size=500, every=max(arg.steps // 5, 1)))
   c.log_every = 25
   c.checkpoint_every = max(arg.steps // 2, 1)

@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from vitcls.data import embedded, folder, pipeline, preprocess, sources
+from conftest import REPO
 
 
 def _save(path, mode="RGB", value=(200, 100, 50), size=(10, 12)):
@@ -233,3 +234,33 @@ def test_train_stream_is_the_same_fresh_or_resumed(tmp_path):
   assert fresh[0]["image"].shape == (4, 8, 8, 3)
   epoch = [p for k in range(5) for p in fresh[k]["path"]][:len(source)]
   assert sorted(epoch) == sorted(source.paths)  # One epoch is every file once.
+
+
+def test_finetune_rgb_false_makes_folder_images_grey(tmp_path):
+  """A grey checkpoint on a folder (which decodes to RGB): `rgb=False` alone gives it
+  [H, W, 1] inputs, in training and in the evaluator."""
+  from vitcls import configs  # pylint: disable=g-import-not-at-top
+  root = _flat(tmp_path / "images")
+  experiment = os.path.join(REPO, "experiments", "finetune.py")
+  config = configs.resolve(configs.load_experiment(
+      f"{experiment}:dataset=folder:{root},classes=3,res=24,rgb=False"))
+  for split, spec in (("train", config.input.pp), ("test", config.evals.test.pp)):
+    example = sources.get_source(config.input.data.name, split)[0]
+    assert example["image"].shape[-1] == 3  # The folder's RGB.
+    out = preprocess.parse(spec)(example, np.random.default_rng(0))
+    assert out["image"].shape == (24, 24, 1), (split, spec)
+    assert out["labels"].shape == (3,)
+  rgb = configs.resolve(configs.load_experiment(
+      f"{experiment}:dataset=folder:{root},classes=3,res=24"))
+  example = sources.get_source(rgb.input.data.name, "train")[0]
+  assert preprocess.parse(rgb.input.pp)(example, np.random.default_rng(0))["image"].shape == (
+      24, 24, 3)
+
+
+def test_classification_evaluator_reads_class_names_from_the_open_source(tmp_path):
+  from vitcls.evaluators import classification  # pylint: disable=g-import-not-at-top
+  root = _flat(tmp_path)
+  assert classification.class_names(sources.get_source("folder:" + root, "test")) == [
+      "cat", "dog", "emu"]
+  assert classification.class_names(sources.get_source("digits", "test")) == [
+      str(i) for i in range(10)]

@@ -6,7 +6,10 @@ every evaluator (the latest value of each, from `metrics.jsonl`, overridden by t
 and speed, and the plots a reviewer looks at: loss,
 learning rate and eval curves; and, from the arrays evaluators leave in
 `report/artifacts/<eval>.npz`, the confusion matrix, per-class accuracy bars, the
-reliability diagram, OOD score histograms and per-label average precision.
+reliability diagram, OOD score histograms and per-label average precision, with the
+classes named when the evaluator saved their names. Figures are drawn on bare
+`matplotlib.figure.Figure`s, never through pyplot, so importing this module leaves
+matplotlib's backend (a notebook's inline figures, say) as it was.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ import glob
 import json
 import os
 
-import matplotlib
+from matplotlib import ticker
+from matplotlib.figure import Figure
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 EVALUATE_FILE = "evaluate.json"  # The last `vitcls.evaluate` results, in report/.
 
@@ -54,77 +55,167 @@ def load_artifacts(workdir: str) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
+# Eval metrics that are fractions in [0, 1]: their axes start at 0, so noise of a point or
+# two does not look like learning (`plot_curves`).
+FRACTION_METRICS = ("top1", "top5", "accuracy", "map")
+MAX_CLASS_TICKS = 20  # One tick per class up to this many; every n-th above.
+
+
 def _series(rows, key):
   points = [(r["step"], r[key]) for r in rows if key in r]
   return [p[0] for p in points], [p[1] for p in points]
 
 
+def is_fraction(key: str, values) -> bool:
+  """True for an accuracy-like metric (`FRACTION_METRICS`) whose values all lie in [0, 1]."""
+  values = np.asarray(values, np.float64)
+  return (key.rsplit("/", 1)[-1].endswith(FRACTION_METRICS) and values.size > 0
+          and bool(np.all((values >= 0) & (values <= 1))))
+
+
+def fraction_top(values) -> float:
+  """The top of a fraction's y axis (which starts at 0): at least 0.1 above the largest
+  value, rounded up to a tenth, at most 1."""
+  top = np.ceil(round((float(np.max(values)) + 0.1) * 10, 6)) / 10
+  return float(min(top, 1.0))
+
+
+def format_curve(ax, key: str, steps, values) -> None:
+  """The axes of one metric against the step, as the report draws them: integer step
+  ticks, and for an accuracy-like metric (`is_fraction`) a y axis from 0 to
+  `fraction_top`, its points drawn even on the axis' edges; other metrics keep matplotlib's
+  scaling. For notebooks that draw `metrics.jsonl` themselves, after plotting on `ax`."""
+  ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+  if len(steps) and max(steps) - min(steps) < 2:  # Room for integer ticks around a point.
+    ax.set_xlim(min(steps) - 1, max(steps) + 1)
+  if is_fraction(key, values):
+    ax.set_ylim(0, fraction_top(values))
+    for line in ax.get_lines():
+      line.set_clip_on(False)
+
+
 def plot_curves(rows, path: str) -> None:
-  """Training loss, lr and every `<eval>/top1` and `<eval>/loss` against the step."""
+  """Training loss, lr and every `<eval>/top1`, `<eval>/loss` and `<eval>/map` against the
+  step (integer steps). Accuracy-like panels show 0 to at least 0.1 above their best
+  value; loss and lr are scaled to their data."""
   eval_keys = sorted({k for r in rows for k in r if k.endswith(("/top1", "/loss", "/map"))})
   panels = [("loss", "train loss"), ("lr", "learning rate")] + [(k, k) for k in eval_keys]
   cols = min(len(panels), 4)
   rows_n = -(-len(panels) // cols)
-  fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3.2 * rows_n), squeeze=False)
+  fig = Figure(figsize=(4 * cols, 3.2 * rows_n), layout="tight")
+  axes = fig.subplots(rows_n, cols, squeeze=False)
   for ax in axes.flat[len(panels):]:
     ax.axis("off")
   for ax, (key, title) in zip(axes.flat, panels):
     steps, values = _series(rows, key)
     ax.plot(steps, values, marker="o" if len(steps) < 30 else None)
+    format_curve(ax, key, steps, values)
     ax.set_title(title)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   _save(fig, path)
 
 
-def _save(fig, path: str) -> None:
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+def _save(fig: Figure, path: str) -> None:
+  # A bare `Figure` is not pyplot's: nothing to close, and the backend is never touched.
+  fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)
 
 
-def plot_confusion(confusion: np.ndarray, title: str, path: str) -> None:
-  """Row-normalised confusion matrix (rows: true class), counts written in small cases."""
+def class_labels(names, k: int) -> list[str]:
+  """The `k` class names as strings, or the class indices when `names` is None or does not
+  name `k` classes."""
+  if names is None or len(names) != k:
+    return [str(i) for i in range(k)]
+  return [str(n) for n in names]
+
+
+def _class_axis(axis, labels: list[str], spacing_pt: float, rotate: bool) -> None:
+  """Ticks of one class axis: every class up to MAX_CLASS_TICKS, else every n-th; the tick
+  font fits the space between ticks, and long names are slanted (`rotate`)."""
+  k = len(labels)
+  step = max(1, -(-k // MAX_CLASS_TICKS))
+  ticks = np.arange(0, k, step)
+  size = float(np.clip(0.5 * spacing_pt * step, 6, 10))
+  axis.set_ticks(ticks, [labels[i] for i in ticks], fontsize=size)
+  if rotate and max(len(labels[i]) for i in ticks) * 0.6 * size > 0.9 * spacing_pt * step:
+    for text in axis.get_ticklabels():
+      text.set(rotation=45, ha="right", rotation_mode="anchor")
+
+
+def plot_confusion(confusion: np.ndarray, title: str, path: str, class_names=None) -> None:
+  """Row-normalised confusion matrix (rows: true class), with counts in each cell for up
+  to 20 classes; classes named by `class_names` when given (else by index).
+
+  The matrix is 3 to 12 inches square whatever the class count, and the counts' and
+  names' fonts follow the cell size.
+  """
   k = confusion.shape[0]
+  labels = class_labels(class_names, k)
   totals = np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-  fig, ax = plt.subplots(figsize=(1.5 + 0.45 * k, 1.2 + 0.45 * k))
+  side = float(np.clip(0.5 * k, 3.0, 12.0))  # Inches of the matrix.
+  cell_pt = 72 * side / k
+  name_in = 0.07 * min(max(len(n) for n in labels), 24)  # Room for the longest name.
+  fig = Figure(figsize=(side + 1.8 + name_in, side + 1.0 + name_in), layout="constrained")
+  ax = fig.subplots()
   image = ax.imshow(confusion / totals, cmap="Blues", vmin=0, vmax=1)
-  if k <= 20:
+  if k <= MAX_CLASS_TICKS:
+    digits = len(str(int(confusion.max(initial=0))))
+    size = float(np.clip(min(0.32 * cell_pt, 0.8 * cell_pt / (0.6 * digits)), 5, 14))
     for i in range(k):
       for j in range(k):
         if confusion[i, j]:
-          ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
+          ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=size,
                   color="white" if confusion[i, j] / totals[i, 0] > 0.5 else "black")
+  _class_axis(ax.xaxis, labels, cell_pt, rotate=True)
+  _class_axis(ax.yaxis, labels, cell_pt, rotate=False)
   ax.set_xlabel("predicted")
   ax.set_ylabel("true")
   ax.set_title(title)
-  fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
+  fig.colorbar(image, ax=ax, shrink=0.8, label="fraction of the true class")
   _save(fig, path)
 
 
-def plot_bars(values: np.ndarray, title: str, ylabel: str, path: str) -> None:
+def plot_bars(values: np.ndarray, title: str, ylabel: str, path: str, class_names=None,
+              xlabel: str = "class") -> None:
   """One bar per class (or label) with its value written on it; the mean as a line.
 
-  The y axis starts a little below the worst bar, so differences of a point show; the
-  written values keep the bars honest.
+  Bars are named by `class_names` when given (else by index). The y axis starts a little
+  below the worst bar, so differences of a point show; the written values keep the bars
+  honest.
   """
   values = np.asarray(values, np.float64)
-  fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(values) + 2), 3.2))
-  shown = np.nan_to_num(values)
-  ax.bar(np.arange(len(values)), shown, color="tab:blue")
-  mean = np.nanmean(values)
-  ax.axhline(mean, color="tab:red", lw=1, label=f"mean {mean:.3f}")
-  low = max(0.0, float(np.nanmin(values)) - 0.05) if np.isfinite(values).any() else 0.0
+  k = len(values)
+  labels = class_labels(class_names, k)
+  width = float(np.clip(0.45 * k + 2, 4.5, 16.0))
+  bar_pt = 72 * (width - 1.8) / max(k, 1)  # Space per bar, in points.
+  longest = max((len(n) for n in labels), default=1)
+  fig = Figure(figsize=(width, 3.2 + 0.05 * min(longest, 24)), layout="constrained")
+  ax = fig.subplots()
+  ax.bar(np.arange(k), np.nan_to_num(values), color="tab:blue")
+  known = np.isfinite(values).any()
+  low = max(0.0, float(np.nanmin(values)) - 0.05) if known else 0.0
   ax.set_ylim(low, 1.0)
-  if len(values) <= 40:
+  span = 1.0 - low
+  if k <= 40:
+    size = float(np.clip(0.45 * bar_pt, 6, 10))
+    vertical = 4 * 0.6 * size > 0.9 * bar_pt  # "0.97" does not fit across the bar.
     for i, v in enumerate(values):
-      ax.text(i, max(low, np.nan_to_num(v)), "n/a" if np.isnan(v) else f"{v:.2f}",
-              ha="center", va="bottom", fontsize=7, rotation=90 if len(values) > 15 else 0)
-  ax.set_xticks(np.arange(len(values)) if len(values) <= 40 else ax.get_xticks())
-  ax.set_xlabel("class")
+      inside = not np.isnan(v) and v - low > 0.2 * span  # Written in the bar, at its top.
+      y = v - 0.01 * span if inside else max(low, np.nan_to_num(v)) + 0.01 * span
+      ax.text(i, y, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center",
+              va="top" if inside else "bottom", color="white" if inside else "black",
+              fontsize=size, rotation=90 if vertical else 0)
+  if known:
+    mean = float(np.nanmean(values))
+    ax.axhline(mean, color="tab:red", lw=1)
+    ax.annotate(f"mean\n{mean:.3f}", xy=(1, mean), xycoords=("axes fraction", "data"),
+                xytext=(4, 0), textcoords="offset points", ha="left", va="center",
+                color="tab:red", fontsize=9, annotation_clip=False)
+  ax.set_xlim(-0.6, k - 0.4)
+  _class_axis(ax.xaxis, labels, bar_pt, rotate=True)
+  ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
-  ax.legend(loc="lower right")
   _save(fig, path)
 
 
@@ -135,8 +226,8 @@ def plot_reliability(arrays: dict, title: str, path: str) -> None:
   them are left out: a bin of one example says nothing about calibration. Below, the
   share of examples per bin.
   """
-  fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True,
-                                 gridspec_kw={"height_ratios": [3, 1]})
+  fig = Figure(figsize=(4.8, 5.6), layout="tight")
+  ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
   ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
   for prefix, label, color in (("", "as trained", "tab:blue"),
                                ("scaled_", "temperature-scaled", "tab:orange")):
@@ -164,7 +255,8 @@ def plot_reliability(arrays: dict, title: str, path: str) -> None:
 def plot_ood(arrays: dict, title: str, path: str) -> None:
   """Histograms of each OOD score, in- vs out-of-distribution (higher = more OOD)."""
   kinds = sorted(k[3:] for k in arrays if k.startswith("in_"))
-  fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3), squeeze=False)
+  fig = Figure(figsize=(4 * len(kinds), 3), layout="tight")
+  axes = fig.subplots(1, len(kinds), squeeze=False)
   for ax, kind in zip(axes[0], kinds):
     s_in, s_out = arrays[f"in_{kind}"], arrays[f"out_{kind}"]
     edges = np.histogram_bin_edges(np.concatenate([s_in, s_out]), bins=40)
@@ -177,24 +269,30 @@ def plot_ood(arrays: dict, title: str, path: str) -> None:
 
 
 def plot_artifacts(name: str, arrays: dict, out: str) -> list[tuple[str, str]]:
-  """The plots one evaluator's arrays allow; returns (caption, file name) pairs."""
+  """The plots one evaluator's arrays allow; returns (caption, file name) pairs.
+
+  Classes (and labels) are named by the arrays' `class_names` when the evaluator saved
+  them, else numbered.
+  """
   plots = []
-  def add(caption, stem, plot, *args):
+  names = arrays.get("class_names")
+  def add(caption, stem, plot, *args, **kwargs):
     file = f"{name}_{stem}.png"
-    plot(*args, os.path.join(out, file))
+    plot(*args, os.path.join(out, file), **kwargs)
     plots.append((caption, file))
   if "confusion" in arrays:
-    add(f"{name}: confusion matrix", "confusion", plot_confusion, arrays["confusion"], name)
+    add(f"{name}: confusion matrix", "confusion", plot_confusion, arrays["confusion"],
+        f"{name}: confusion matrix", class_names=names)
   if "per_class_accuracy" in arrays:
     add(f"{name}: per-class accuracy", "per_class", plot_bars, arrays["per_class_accuracy"],
-        f"{name}: per-class accuracy", "accuracy")
+        f"{name}: per-class accuracy", "accuracy", class_names=names)
   if "bin_count" in arrays:
     add(f"{name}: reliability diagram", "reliability", plot_reliability, arrays, name)
   if any(k.startswith("in_") for k in arrays):
     add(f"{name}: OOD scores", "ood", plot_ood, arrays, name)
   if "ap_per_label" in arrays:
     add(f"{name}: average precision per label", "ap", plot_bars, arrays["ap_per_label"],
-        f"{name}: AP per label", "average precision")
+        f"{name}: AP per label", "average precision", class_names=names, xlabel="label")
   return plots
 
 

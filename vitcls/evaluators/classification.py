@@ -31,9 +31,25 @@ def defaults() -> ConfigDict:
   })
 
 
+def class_names(source, key: str = "label") -> list[str] | None:
+  """The class names of an open source in label order, or None when it has none.
+
+  A folder's class-folder names, or the names of a TFDS ClassLabel feature `key`; read
+  from the source already open (nothing is listed or built again).
+  """
+  while hasattr(source, "source"):  # A prefix of a source.
+    source = source.source
+  names = getattr(source, "label_names", None)  # An image folder.
+  if names is None:
+    features = getattr(getattr(source, "dataset_info", None), "features", None)
+    feature = features[key] if features is not None and key in features else None
+    names = getattr(feature, "names", None)
+  return [str(n) for n in names] if names else None
+
+
 class Evaluator:
   """`run(params)` -> scalars; `artifacts` then holds the confusion matrix and per-class
-  accuracy for the report's plots."""
+  accuracy for the report's plots, and the class names when the dataset has them."""
 
   def __init__(self, config, **context):
     train_config = context["train_config"]
@@ -42,6 +58,7 @@ class Evaluator:
     self.config = config
     self.loss = losses.get(train_config.loss)
     self.artifacts: dict[str, np.ndarray] = {}
+    self.class_names = class_names(self.inference.source)
 
   def run(self, params) -> dict[str, float]:
     """top1, top5, loss, balanced and worst-class accuracy, count; with `slice_by`, per group."""
@@ -58,6 +75,8 @@ class Evaluator:
         "count": float(len(labels)),
     }
     self.artifacts = {"confusion": confusion, "per_class_accuracy": per_class}
+    if self.class_names and len(self.class_names) == logits.shape[-1]:
+      self.artifacts["class_names"] = np.asarray(self.class_names, dtype=str)
     if self.config.slice_by:
       groups = metrics.group_metrics(logits, labels, out[self.config.slice_by])
       for key, value in groups.items():
