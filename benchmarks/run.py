@@ -4,8 +4,9 @@
 
 Each benchmark runs as `python -m benchmarks.NAME` (a fresh process: its own XLA flags,
 thread pools and memory, nothing left over from the one before), writes
-`results/NAME.json`, and contributes rows to the table printed at the end and written
-to `results/summary.md`. A benchmark that fails is reported in the table and the others
+`results/NAME.json`, and contributes rows to the table printed at the end;
+`results/summary.md` holds the latest result of every benchmark (with `--only`, the
+others' rows come from their earlier JSON). A benchmark that fails is reported in the table and the others
 still run; the exit code is 1 if any failed.
 """
 
@@ -29,6 +30,24 @@ def _arg(args: list[str], name: str, default: str | None = None) -> str | None:
     if a.startswith(f"--{name}="):
       return a.split("=", 1)[1]
   return default
+
+
+def write_summary(results_dir: str, tiny: bool, failed_rows=()) -> str:
+  """`results/summary.md`: the latest result of every benchmark (its JSON), whichever run
+  wrote it; `failed_rows` stand in for benchmarks that just failed. Returns the path."""
+  failed = {r["benchmark"] for r in failed_rows}
+  latest = []
+  for name in BENCHMARKS:
+    path = os.path.join(results_dir, f"{name}{'_tiny' if tiny else ''}.json")
+    if name in failed:
+      latest += [r for r in failed_rows if r["benchmark"] == name]
+    elif os.path.exists(path):
+      with open(path) as f:
+        latest.extend(json.load(f)["rows"])
+  out = os.path.join(results_dir, f"summary{'_tiny' if tiny else ''}.md")
+  with open(out, "w") as f:
+    f.write(common.table(latest) + "\n")
+  return out
 
 
 def main(args: list[str]) -> int:
@@ -59,11 +78,8 @@ def main(args: list[str]) -> int:
     print(f"[{i}/{len(names)}] {name} done in {seconds:.0f} s", flush=True)
     with open(path) as f:
       rows.extend(json.load(f)["rows"])
-  summary = common.table(rows)
-  print("\n" + summary)
-  if not only:
-    with open(os.path.join(results_dir, f"summary{'_tiny' if tiny else ''}.md"), "w") as f:
-      f.write(summary + "\n")
+  print("\n" + common.table(rows))
+  write_summary(results_dir, tiny, [r for r in rows if r["benchmark"] in failed])
   return 1 if failed else 0
 
 
