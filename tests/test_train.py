@@ -109,28 +109,39 @@ def test_user_mistakes_are_one_line_user_errors(tmp_path, override, message):
   assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def _train_in_process(workdir, *overrides):
+  """`vitcls.train` on the runlocal default experiment, in this process (the CLI prints a
+  UserError as its one line, tested above)."""
+  from vitcls import configs, train
+  config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"),
+                           list(overrides))
+  return train.train(config, workdir)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  from vitcls.errors import UserError
   workdir = str(tmp_path / "nan")
-  proc = run_train(workdir, "--config.lr=1e30", "--config.grad_clip_norm=0",
-                   "--config.checkpoint_every=2", "--config.evals.test.every=1000",
-                   check=False)
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert "loss is nan at step 3" in errors[0] or "loss is inf at step 3" in errors[0]
-  assert "the last good checkpoint (step 2) is kept" in errors[0]
+  with pytest.raises(UserError) as info:
+    _train_in_process(workdir, "lr=1e30", "grad_clip_norm=0", "checkpoint_every=2",
+                      "evals.test.every=1000")
+  error = str(info.value)
+  assert "\n" not in error
+  assert "loss is nan at step 3" in error or "loss is inf at step 3" in error
+  assert "the last good checkpoint (step 2) is kept" in error
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
   params = dict(_leaves(_params(workdir, 2)))
   assert all(np.isfinite(v).all() for v in params.values())
 
 
 def test_resuming_with_an_incompatible_config_is_a_clear_error(tmp_path):
+  from vitcls.errors import UserError
   workdir = str(tmp_path / "run")
-  run_train(workdir, "--config.total_steps=3", "--config.evals.test.every=1000")
-  proc = run_train(workdir, "--config.model.depth=2", "--config.total_steps=6",
-                   check=False)
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("vitcls: error:")]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert "the checkpoint of step 3" in errors[0] and "does not fit this config" in errors[0]
+  _train_in_process(workdir, "total_steps=3", "evals.test.every=1000")
+  with pytest.raises(UserError) as info:
+    _train_in_process(workdir, "model.depth=2", "total_steps=6")
+  error = str(info.value)
+  assert "\n" not in error
+  assert "the checkpoint of step 3" in error and "does not fit this config" in error
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]  # Untouched.
 
 
