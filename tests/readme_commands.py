@@ -11,7 +11,6 @@ stay). Stops at the first command
 that exits non-zero, printing which; exits 0 when every one succeeded.
 """
 
-import importlib.util
 import json
 import os
 import runpy
@@ -20,11 +19,11 @@ import time
 
 from absl import flags
 
+from vitcls import cli
+
 # Flags defined by vitcls's own modules are registered under their file's path.
-_PACKAGE = os.path.dirname(importlib.util.find_spec("vitcls").origin) + os.sep
-_CONSOLE = {"train": "vitcls.train", "evaluate": "vitcls.evaluate",
-            "predict": "vitcls.predict", "export": "vitcls.export",
-            "sweep": "vitcls.sweep", "launch": "vitcls.launch"}
+_PACKAGE = os.path.dirname(os.path.abspath(cli.__file__)) + os.sep
+_CONSOLE = cli._COMMANDS  # `vitcls CMD` -> module, as the console script maps it.
 
 
 def module_and_args(argv: list[str]) -> tuple[str, list[str]]:

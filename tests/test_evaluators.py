@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitcls import configs, evaluate, evaluators, train
+from vitcls import configs, evaluate, evaluators, report, train
 from conftest import REPO
 
 DIGITS = os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")
@@ -171,6 +171,9 @@ def test_a_folder_with_broken_files_trains_evaluates_and_predicts_through_the_cl
 
   results = evaluate.evaluate(workdir)
   assert results["test/count"] == 12
+  # The report's plots name the classes after the folders.
+  assert report.load_artifacts(workdir)["test"]["class_names"].tolist() == [
+      "digit_0", "digit_1", "digit_2"]
 
   predicted = subprocess.run(
       [sys.executable, "-m", "vitcls.predict", *common, f"--input={root / 'train'}",

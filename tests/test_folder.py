@@ -255,12 +255,3 @@ def test_finetune_rgb_false_makes_folder_images_grey(tmp_path):
   example = sources.get_source(rgb.input.data.name, "train")[0]
   assert preprocess.parse(rgb.input.pp)(example, np.random.default_rng(0))["image"].shape == (
       24, 24, 3)
-
-
-def test_classification_evaluator_reads_class_names_from_the_open_source(tmp_path):
-  from vitcls.evaluators import classification  # pylint: disable=g-import-not-at-top
-  root = _flat(tmp_path)
-  assert classification.class_names(sources.get_source("folder:" + root, "test")) == [
-      "cat", "dog", "emu"]
-  assert classification.class_names(sources.get_source("digits", "test")) == [
-      str(i) for i in range(10)]

@@ -108,7 +108,8 @@ def test_a_fresh_start_in_a_workdir_with_old_metrics_sets_them_all_aside(tmp_pat
   _write_events(workdir, [1, 2])
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n')
-  writer = writers.make_writer(workdir, None)  # No checkpoint survived: from scratch.
+  # No checkpoint survived: from scratch.
+  writer = writers.DeferredWriter(workdir, None, total_steps=1, every_steps=1)
   writer.write_scalars(1, {"loss": 3.0})
   writer.close()
   assert read_metrics(workdir) == [{"step": 1, "loss": 3.0}]

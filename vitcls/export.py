@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 from absl import app, flags, logging
 import numpy as np
 
-from vitcls import checkpoint, configs, models
+from vitcls import checkpoint, configs, inspection
 from vitcls.errors import UserError
 from vitcls.models import loading
 
@@ -63,9 +63,7 @@ def serving_inputs(config):
 def export_savedmodel(workdir: str, output: str, step: int | None = None) -> str:
   """Writes a TF SavedModel of `workdir`'s checkpoint: uint8 RGB in, probabilities out."""
   from vitcls import serving  # pylint: disable=g-import-not-at-top
-  config = configs.load_workdir_config(workdir)
-  model = models.build(config.model_name, config.num_classes, config.model)
-  params = checkpoint.load_params(workdir, step)
+  config, model, params = inspection.load_run(workdir, step)
   pp_spec, image_shape, label_names = serving_inputs(config)
   return serving.export_savedmodel(output, model=model, params=params, pp_spec=pp_spec,
                                    image_shape=image_shape, label_names=label_names)

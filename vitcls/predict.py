@@ -21,7 +21,7 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-from vitcls import checkpoint, configs, evaluators, export, metrics, models, report, sharding
+from vitcls import evaluators, export, inspection, metrics, report, sharding
 from vitcls.data import preprocess
 from vitcls.errors import UserError
 
@@ -96,9 +96,7 @@ def ood_threshold(workdir: str, config, model, params, mesh) -> float:
 def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
             batch_size: int = 64) -> dict[str, int]:
   """Writes the predictions CSV; returns {'predicted': n, 'failed': m, 'flagged': k}."""
-  config = configs.load_workdir_config(workdir)
-  model = models.build(config.model_name, config.num_classes, config.model)
-  params = checkpoint.load_params(workdir, step)
+  config, model, params = inspection.load_run(workdir, step)
   mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
   pp_spec, image_shape, names = export.serving_inputs(config)
   pp = preprocess.parse(f"decode(channels={image_shape[-1]})|{pp_spec}")

@@ -146,11 +146,7 @@ class JsonlWriter:
   subclassing clu's interface, so that this module imports no TensorFlow.
   """
 
-  def __init__(self, path: str, resume_step: int | None = None):
-    self._path = path
-    if resume_step is not None:
-      truncate_jsonl(path, resume_step,
-                     _Superseded(os.path.dirname(os.path.abspath(path)), resume_step))
+  def __init__(self, path: str):
     self._file = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -211,19 +207,9 @@ def _open_writers(workdir: str, jsonl: str | None):
   ])
 
 
-def make_writer(workdir: str, resume_step: int | None = None):
-  """Console + TensorBoard + JSONL on process 0; console only elsewhere.
-
-  `resume_step`: the restored step, or None for a run from scratch; what the workdir's
-  metrics hold past it is set aside first.
-  """
-  if jax.process_index() != 0:
-    return _open_writers(workdir, None)
-  return _open_writers(workdir, _truncate_for_resume(workdir, resume_step))
-
-
 class DeferredWriter:
-  """`make_writer`'s writers plus clu's progress report, opened without delaying training.
+  """The run's writers (console, TensorBoard and JSONL on process 0; the console alone
+  elsewhere) and clu's progress report, opened without delaying training.
 
   The metrics are set aside for the resume at once; clu (with TensorFlow) is imported in
   a background thread when `start()` is called, which the loop does once its first step

@@ -16,6 +16,7 @@ from vitcls import evaluators as _evaluators
 losses = _evaluators.lazy_import("vitcls.losses")
 metrics = _evaluators.lazy_import("vitcls.metrics")
 _common = _evaluators.lazy_import("vitcls.evaluators._common")
+sources = _evaluators.lazy_import("vitcls.data.sources")
 
 
 def defaults() -> ConfigDict:
@@ -31,22 +32,6 @@ def defaults() -> ConfigDict:
   })
 
 
-def class_names(source, key: str = "label") -> list[str] | None:
-  """The class names of an open source in label order, or None when it has none.
-
-  A folder's class-folder names, or the names of a TFDS ClassLabel feature `key`; read
-  from the source already open (nothing is listed or built again).
-  """
-  while hasattr(source, "source"):  # A prefix of a source.
-    source = source.source
-  names = getattr(source, "label_names", None)  # An image folder.
-  if names is None:
-    features = getattr(getattr(source, "dataset_info", None), "features", None)
-    feature = features[key] if features is not None and key in features else None
-    names = getattr(feature, "names", None)
-  return [str(n) for n in names] if names else None
-
-
 class Evaluator:
   """`run(params)` -> scalars; `artifacts` then holds the confusion matrix and per-class
   accuracy for the report's plots, and the class names when the dataset has them."""
@@ -58,7 +43,11 @@ class Evaluator:
     self.config = config
     self.loss = losses.get(train_config.loss)
     self.artifacts: dict[str, np.ndarray] = {}
-    self.class_names = class_names(self.inference.source)
+    try:  # For the report's plots; a label feature without names is numbered there.
+      self.class_names = sources.label_names(config.data or train_config.input.data.name,
+                                             config.split, train_config.input.data_dir or None)
+    except sources.LabelFeatureError:
+      self.class_names = None
 
   def run(self, params) -> dict[str, float]:
     """top1, top5, loss, balanced and worst-class accuracy, count; with `slice_by`, per group."""
