@@ -12,13 +12,16 @@
     own step.
 (b) ImageNet-style input on JPEGs of about 500x375 that this module writes (gradients,
     shapes and noise: 50-110 KB each, as photos of that size), through vitcls's grain
-    pipeline with `decode|inception_crop(224)|flip_lr|randaug(2,10)|value_range(-1,1)`,
-    against the same work in tf.data as big_vision does it (`benchmarks/tf_pp.py`), on
-    the same files and batch, both delivered on the device alike. Goal: vitcls >=
-    tf.data in img/s per core. Informative: the same per CPU-second actually used (fair
-    when other work shares the machine: a pipeline with more threads gets a larger share
-    of contended cores), both without randaug, tf.data with big_vision's fused
-    decode-and-crop (it decodes only the crop), grain with worker processes, and a
+    pipeline with `decode|inception_crop(224)|flip_lr|randaug(2,10)|value_range(-1,1)`
+    as the ImageNet experiments configure it (a worker process per core; the closing
+    value_range left to the train step, `input.normalize_on_device`, so batches are
+    uint8), against the same work in tf.data as big_vision does it
+    (`benchmarks/tf_pp.py`: float32 batches), on the same files and batch, both
+    delivered on the device alike. Goal: vitcls >= tf.data in img/s per core.
+    Informative: the same per CPU-second actually used (fair when other work shares the
+    machine), tf.data also shipping uint8, vitcls with threads instead of processes and
+    with float32 batches, both without randaug, and tf.data with big_vision's fused
+    decode-and-crop (it decodes only the crop).
 
 Every pipeline may use every core this process may run on; per core is img/s divided by
 their number. They run one after the other in this process, each to a steady state
@@ -199,29 +202,48 @@ def write_jpegs(root: str, count: int, size: tuple[int, int] = (375, 500),
 
 
 def vitcls_batches(root: str, spec: str, batch: int, *, num_threads: int,
-                   num_workers: int, prefetch: int, seed: int = 0) -> Iterator:
-  """vitcls's training input over `folder:root`: grain, then global arrays on device."""
+                   num_workers: int, prefetch: int, normalize_on_device: bool = True,
+                   seed: int = 0) -> Iterator:
+  """vitcls's training input over `folder:root`: grain, then global arrays on device.
+
+  `normalize_on_device` as the config field (vitcls.build): the spec's closing
+  value_range stays for the train step, and batches are uint8.
+  """
   from vitcls import sharding  # pylint: disable=g-import-not-at-top
   from vitcls.data import pipeline, preprocess, sources  # pylint: disable=g-import-not-at-top
   if num_workers:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
       flags.FLAGS.mark_as_parsed()
-  source = sources.get_source(f"folder:{root}", "train")
+  # As vitcls.build opens it: a pp that begins with decode gets the files' bytes.
+  source = sources.get_source(f"folder:{root}", "train",
+                              encoded_images=preprocess.decodes_first(spec))
+  if normalize_on_device:
+    spec, _ = preprocess.split_device_tail(spec)
   ds = pipeline.train_dataset(source, preprocess.parse(spec), global_batch=batch, seed=seed)
   mesh_sharding = sharding.batch_sharding(sharding.make_mesh([("data", -1)]))
   return pipeline.iterate(ds, mesh_sharding, num_threads=num_threads, prefetch=prefetch,
                           num_workers=num_workers)
 
 
+def split_spec(spec: str) -> str:
+  """The host part of `spec` under input.normalize_on_device (what vitcls runs here)."""
+  from vitcls.data import preprocess  # pylint: disable=g-import-not-at-top
+  return preprocess.split_device_tail(spec)[0]
+
+
 def tf_batches(paths: list[str], labels: list[int], batch: int, *, size: int,
-               randaug_layers: int, fused_decode: bool = False) -> Iterator:
-  """big_vision-style tf.data input, delivered on device the way vitcls's is."""
+               randaug_layers: int, fused_decode: bool = False,
+               uint8: bool = False) -> Iterator:
+  """big_vision-style tf.data input, delivered on device the way vitcls's is.
+
+  `uint8`: without the closing value_range, as vitcls's normalize_on_device ships it.
+  """
   from benchmarks import tf_pp  # pylint: disable=g-import-not-at-top
   from vitcls import sharding  # pylint: disable=g-import-not-at-top
   from vitcls.data import pipeline  # pylint: disable=g-import-not-at-top
   ds = tf_pp.dataset(paths, labels, batch=batch, size=size, randaug_layers=randaug_layers,
-                     fused_decode=fused_decode)
+                     fused_decode=fused_decode, uint8=uint8)
   mesh_sharding = sharding.batch_sharding(sharding.make_mesh([("data", -1)]))
   for local in ds.as_numpy_iterator():
     yield pipeline.to_global(local, mesh_sharding)
@@ -286,12 +308,16 @@ def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
   cores = host_cores()
   count, size, batch = (16, 32, 4) if tiny else (256, 224, 64)
   image_size = (48, 64) if tiny else (375, 500)
-  chunk, repeats, warmup, rounds = (1, 1, 1, 1) if tiny else (4, 3, 2, 3)
-  # Threads overlap what releases the GIL (JPEG decoding, resizing, NumPy on whole
-  # images): two per core, as vitcls's default of 4 on 2 cores. Worker processes, one
-  # per core, also run the Python parts in parallel, at the cost of moving batches.
+  # 512 images a timing: well past what the pipelines hold ready (tf.data's autotuned
+  # prefetch, grain's buffers), which shorter timings would credit as speed.
+  chunk, repeats, warmup, rounds = (1, 1, 1, 1) if tiny else (8, 3, 2, 3)
+  # vitcls as the ImageNet experiments configure it: worker processes (one per core;
+  # the GIL serialises the Python parts of decoding and RandAugment in threads), uint8
+  # batches (input.normalize_on_device). Threads overlap what releases the GIL: two per
+  # core, as vitcls's default of 4 on 2 cores.
+  # Tiny runs (the test suite) start no processes: that takes seconds.
+  processes = dict(num_threads=2, num_workers=0 if tiny else cores, prefetch=4)
   threads = dict(num_threads=2 * cores, num_workers=0, prefetch=4)
-  processes = dict(num_threads=2, num_workers=cores, prefetch=4)
   full_pp, no_randaug_pp = IMAGENET_PP.format(size=size), NO_RANDAUG_PP.format(size=size)
   root = tempfile.mkdtemp(prefix="vitcls-bench-jpegs-")
   try:
@@ -300,19 +326,23 @@ def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
     write_s = time.perf_counter() - start
     kb = [os.path.getsize(p) / 1024 for p in paths]
     makers = {
-        "vitcls": lambda: vitcls_batches(root, full_pp, batch, **threads),
+        "vitcls": lambda: vitcls_batches(root, full_pp, batch, **processes),
         "tf_data": lambda: tf_batches(paths, labels, batch, size=size, randaug_layers=2),
-        "vitcls_no_randaug": lambda: vitcls_batches(root, no_randaug_pp, batch, **threads),
+        "vitcls_threads": lambda: vitcls_batches(root, full_pp, batch, **threads),
+        "vitcls_float_batches": lambda: vitcls_batches(root, full_pp, batch, **processes,
+                                                       normalize_on_device=False),
+        "tf_data_uint8": lambda: tf_batches(paths, labels, batch, size=size,
+                                            randaug_layers=2, uint8=True),
+        "vitcls_no_randaug": lambda: vitcls_batches(root, no_randaug_pp, batch,
+                                                    **processes),
         "tf_data_no_randaug": lambda: tf_batches(paths, labels, batch, size=size,
                                                  randaug_layers=0),
         "tf_data_fused_decode": lambda: tf_batches(paths, labels, batch, size=size,
                                                    randaug_layers=2, fused_decode=True),
-        "vitcls_workers": lambda: vitcls_batches(root, full_pp, batch, **processes),
     }
     order = ["vitcls", "tf_data"] * rounds + list(makers)[2:]
-    if tiny:  # For the test suite: no worker processes (seconds to start), no second
-      # randaug graph to trace.
-      order = [n for n in order if n not in ("vitcls_workers", "tf_data_fused_decode")]
+    if tiny:  # For the test suite: each kind of vitcls and tf.data pipeline once.
+      order = ["vitcls", "tf_data", "vitcls_float_batches", "tf_data_uint8"]
     measured: dict[str, list[dict[str, Any]]] = {}
     for name in order:
       timing, cpu, sample = time_pipeline(makers[name], chunk, repeats, warmup,
@@ -328,7 +358,8 @@ def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
       "images": count, "image_size_hw": list(image_size),
       "jpeg_kb": {"min": min(kb), "median": float(np.median(kb)), "max": max(kb)},
       "write_s": write_s, "batch_size": batch, "crop_size": size, "cores": cores,
-      "pp": full_pp, "grain_threads": threads, "grain_processes": processes,
+      "pp": full_pp, "vitcls_host_pp": split_spec(full_pp), "grain_threads": threads,
+      "grain_processes": processes,
       "batches_per_timing": chunk, "timings_per_run": repeats, "rounds": rounds,
       "pipelines": measured,
   }
@@ -343,7 +374,7 @@ def _median(runs: list[dict[str, Any]], key: str) -> float:
 def _imagenet_rows(measured, cores: int, label: str) -> list[common.Row]:
   """Per-core img/s of the two main pipelines, then vitcls / tf.data ratios."""
   rows = []
-  for name, who in (("vitcls", "vitcls grain, threads"), ("tf_data", "tf.data")):
+  for name, who in (("vitcls", "vitcls grain, worker processes"), ("tf_data", "tf.data")):
     rates = [r["img_per_s"] / cores for r in measured[name]]
     rows.append(common.Row(NAME, f"{label}: {who} img/s per core",
                            float(np.median(rates)), "img/s",
@@ -362,11 +393,15 @@ def _imagenet_rows(measured, cores: int, label: str) -> list[common.Row]:
   ratio("vitcls", "tf_data", "ImageNet-style vitcls / tf.data, img/s per core", 1.0)
   ratio("vitcls", "tf_data", "ImageNet-style vitcls / tf.data, img per CPU-second",
         key="img_per_cpu_s")
+  ratio("vitcls", "tf_data_uint8",
+        "ImageNet-style vitcls / tf.data also shipping uint8 (value_range in the step)")
+  ratio("vitcls_threads", "tf_data", "ImageNet-style vitcls threads / tf.data")
+  ratio("vitcls_float_batches", "tf_data",
+        "ImageNet-style vitcls float32 batches (normalize_on_device=False) / tf.data")
   ratio("vitcls_no_randaug", "tf_data_no_randaug",
         "ImageNet-style vitcls / tf.data, both without randaug")
   ratio("vitcls", "tf_data_fused_decode",
         "ImageNet-style vitcls / tf.data with fused decode+crop")
-  ratio("vitcls_workers", "tf_data", "ImageNet-style vitcls worker processes / tf.data")
   return rows
 
 

@@ -164,8 +164,8 @@ def _crop_box(shape, area_min: float):
 
 
 def preprocess(data, *, size: int, randaug_layers: int, magnitude: float = 10.0,
-               fused_decode: bool = False, area_min: float = 5):
-  """Encoded JPEG -> float32 [size, size, 3] in [-1, 1]."""
+               fused_decode: bool = False, area_min: float = 5, uint8: bool = False):
+  """Encoded JPEG -> float32 [size, size, 3] in [-1, 1] (`uint8`: stop before that)."""
   if fused_decode:
     begin, crop = _crop_box(tf.image.extract_jpeg_shape(data), area_min)
     window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
@@ -179,18 +179,19 @@ def preprocess(data, *, size: int, randaug_layers: int, magnitude: float = 10.0,
   image = tf.image.random_flip_left_right(image)
   if randaug_layers:
     image = randaug(image, randaug_layers, magnitude)
-  return tf.cast(image, tf.float32) / 127.5 - 1.0
+  return image if uint8 else tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
 def dataset(paths: Sequence[str], labels: Sequence[int], *, batch: int, size: int,
-            randaug_layers: int, fused_decode: bool = False, seed: int = 0):
+            randaug_layers: int, fused_decode: bool = False, uint8: bool = False,
+            seed: int = 0):
   """The whole tf.data pipeline: shuffled files, repeated, preprocessed, batched."""
   ds = tf.data.Dataset.from_tensor_slices((list(paths), list(labels)))
   ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
 
   def load(path, label):
     image = preprocess(tf.io.read_file(path), size=size, randaug_layers=randaug_layers,
-                       fused_decode=fused_decode)
+                       fused_decode=fused_decode, uint8=uint8)
     return {"image": image, "label": label}
 
   ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)

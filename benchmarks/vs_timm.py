@@ -110,7 +110,9 @@ def vitcls_config(s: Sizes, clip: float = 0.0):
   return configs.resolve(configs.ConfigDict(dict(
       num_classes=s.classes, total_steps=1000, lr=1e-3, wd=0.05, grad_clip_norm=clip,
       label_smoothing=0.0, loss="softmax_xent",
-      input=dict(data=dict(name="mnist5k", split="train"), pp=pp, batch_size=s.batch),
+      # The pp whole on the host: both sides train on the same float batch.
+      input=dict(data=dict(name="mnist5k", split="train"), pp=pp, batch_size=s.batch,
+                 normalize_on_device=False),
       model=dict(width=s.width, depth=s.depth, mlp_dim=s.mlp, num_heads=s.heads,
                  patch_size=s.patch, pool_type="tok", posemb="learn", dropout=0.0,
                  stoch_depth=0.0),

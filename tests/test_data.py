@@ -78,6 +78,17 @@ def test_any_prepared_tfds_dataset_is_read_from_the_data_dir(tmp_path):
   assert values == list(range(12))
 
 
+def test_a_pp_that_decodes_reads_tfds_images_encoded():
+  decoded, encoded = (sources.get_source("mnist5k", "test", encoded_images=e)
+                      for e in (False, True))
+  assert isinstance(encoded[0]["image"], bytes) and decoded[0]["image"].dtype == np.uint8
+  pp = preprocess.parse("decode(channels=1)|resize(14)")
+  for i in (0, 7):
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(pp(encoded[i], rng)["image"], pp(decoded[i], rng)["image"])
+    assert encoded[i]["label"] == decoded[i]["label"]
+
+
 @pytest.mark.parametrize("name, split, message", [
     ("not_a_dataset", "train", "dataset 'not_a_dataset' is unknown to TFDS"),
     ("mnist", "train", "dataset 'mnist' is not prepared in"),

@@ -123,3 +123,48 @@ def test_a_train_step_on_device_input_is_a_pure_function_of_state_and_step():
   assert first[0] == first[1] and np.isfinite(first[0])
   lowered = run.train_step.lower(run.init_state(), batch)
   assert lowered.compile().cost_analysis()  # Benchmarks read FLOPs through `.lower`.
+
+
+# `input.normalize_on_device`: the host pipeline's closing value_range / normalize.
+
+@pytest.mark.parametrize("spec, host, tail", [
+    ("decode|inception_crop(24)|flip_lr|value_range(-1,1)|onehot(10)|keep('image','labels')",
+     "decode|inception_crop(24)|flip_lr|onehot(10)|keep('image','labels')", ["value_range"]),
+    ("resize(8)|normalize(0.5, 0.25)|value_range(0, 1, -2, 2)",
+     "resize(8)", ["normalize", "value_range"]),
+    ("value_range(-1,1)|random_shift(2)", "value_range(-1,1)|random_shift(2)", []),
+    ("resize(8)|onehot(10)", "resize(8)|onehot(10)", []),
+])
+def test_the_closing_value_range_and_normalize_split_off(spec, host, tail):
+  got_host, got_tail = preprocess.split_device_tail(spec)
+  assert got_host == host and [c[1] for c in got_tail] == tail
+
+
+def test_closing_value_range_runs_in_the_step_on_uint8_batches():
+  experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
+  runs = {flag: build.build(configs.resolve(experiment, [
+      "input.on_device=False", f"input.normalize_on_device={flag}"])) for flag in (True, False)}
+  assert "value_range" not in runs[True].pp.spec and "value_range" in runs[False].pp.spec
+  small, full = next(runs[True].batches(0)), next(runs[False].batches(0))
+  assert small["image"].dtype == jnp.uint8 and full["image"].dtype == jnp.float32
+  _, tail = preprocess.split_device_tail(experiment.input.pp)
+  finished = jax.jit(device_pp.finisher(tail))(small)
+  np.testing.assert_allclose(finished["image"], full["image"], rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(small["labels"], full["labels"])
+  losses = {}
+  for flag, run in runs.items():
+    state, batches = run.init_state(), run.batches(0)
+    for _ in range(3):
+      state, metrics = run.train_step(state, next(batches))
+    losses[flag] = float(metrics["loss"])
+  assert losses[True] == pytest.approx(losses[False], rel=1e-5) and losses[True] != pytest.approx(
+      float(np.log(10)), rel=1e-3)  # It trained: the zero-init head's loss has moved.
+
+
+def test_a_float_image_before_value_range_stays_on_the_host():
+  experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
+  config = configs.resolve(experiment, [
+      "input.on_device=False", "input.pp=value_range(0,1)|resize(28)|value_range(-1,1,0,1)"])
+  host, tail = build._device_tail(config, build.sources.get_source(  # pylint: disable=protected-access
+      config.input.data.name, config.input.data.split))
+  assert (host, tail) == (config.input.pp, [])

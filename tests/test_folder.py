@@ -130,6 +130,20 @@ def test_examples_decode_lazily_and_pickle(tmp_path, monkeypatch):
   assert ex["path"] == source[4]["path"] and ex["label"] == source[4]["label"]
 
 
+def test_a_pp_that_decodes_gets_the_files_bytes_and_the_same_batches(tmp_path):
+  root = "folder:" + _flat(tmp_path)
+  spec = "decode|inception_crop(8)|flip_lr|value_range(-1,1)"
+  assert preprocess.decodes_first(spec) and not preprocess.decodes_first("resize(8)")
+  encoded = sources.get_source(root, "train", encoded_images=True)
+  with open(encoded.paths[3], "rb") as f:
+    assert encoded[3]["image"] == f.read()
+  decoded = sources.get_source(root, "train")
+  batches = [pipeline.train_dataset(source, preprocess.parse(spec), global_batch=4, seed=1)
+             for source in (encoded, decoded)]
+  for step in range(3):
+    np.testing.assert_array_equal(batches[0][step]["image"], batches[1][step]["image"])
+
+
 def test_files_that_do_not_decode_are_skipped_once_with_a_warning(tmp_path, caplog):
   root = _flat(tmp_path)
   good = _save(os.path.join(root, "cat", "zz_good.jpg"), size=(64, 64))

@@ -397,6 +397,52 @@ def test_resize_small_keeps_aspect(hw, size, expected):
   assert preprocess.resize_small_shape(*hw, size) == expected
 
 
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "area"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_resizes_within_one_level_of_float_resizes(method, channels):
+  # uint8 images resize in 8 bits, as torchvision's PIL resizes; the float32 path
+  # (the same PIL filter without rounding between passes) is the reference. Pixels in
+  # [40, 200]: bicubic overshoots, and 8 bits clip it between passes near 0 and 255.
+  rng = np.random.default_rng(0)
+  img = (rng.random((37, 53, channels)) * 60 + np.linspace(40, 140, 53)[:, None]
+         ).astype(np.uint8)
+  for spec in (f"resize(24, 30, method={method!r})", f"resize(64, 80, method={method!r})",
+               f"resize_small(20, method={method!r})"):
+    fast = _run(spec, {"image": img})["image"]
+    exact = np.round(_run(spec, {"image": img.astype(np.float32)})["image"])
+    assert fast.dtype == np.uint8 and fast.shape == exact.shape
+    diff = np.abs(fast.astype(np.float32) - exact)
+    assert diff.max() <= 1 and diff.mean() < 0.5, (spec, diff.max(), diff.mean())
+
+
+def _one_by_one(spec):
+  """`spec` without decode's fusion: each op parsed alone, run in turn."""
+  ops = [preprocess.parse(text).ops[0] for text in spec.split("|")]
+  return preprocess.Preprocess(spec, tuple(ops))
+
+
+@pytest.mark.parametrize("spec", [
+    "decode|inception_crop(24)|flip_lr|randaug(2,10)|value_range(-1,1)",
+    "decode|inception_crop|resize(20, 16, method='bicubic')|random_crop(12)",
+    "decode|resize_small(20)|central_crop(16)",
+    "decode(channels=1)|resize(12)|inception_crop(8, area_min=30)|random_shift(1)",
+])
+def test_decode_runs_following_crops_and_resizes_in_pil_with_the_same_result(spec):
+  fused = preprocess.parse(spec)
+  assert type(fused.ops[0]).__name__ == "_DecodeThenPil"  # Else nothing is tested.
+  img = _gradient(40)[:, :30]
+  grey = img[..., :1]
+  inputs = [_encode(img, "JPEG", quality=90), _encode(img), _encode(grey[..., 0]),
+            img, grey, _encode(np.dstack([img, img[..., :1]]))]  # RGBA: alpha dropped.
+  for value in inputs:
+    for seed in range(6):
+      got = fused({"image": value, "label": 1}, np.random.default_rng(seed))
+      want = _one_by_one(spec)({"image": value, "label": 1}, np.random.default_rng(seed))
+      assert got.keys() == want.keys()
+      np.testing.assert_array_equal(got["image"], want["image"])
+      assert got["image"].dtype == want["image"].dtype
+
+
 def test_normalize_matches_formula():
   img = _gradient()
   out = _run(f"normalize({IMAGENET_MEAN}, {IMAGENET_STD})", {"image": img})["image"]

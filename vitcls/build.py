@@ -146,6 +146,32 @@ def _device_input_step(core, spec: str, shardings, batch_sharding, mesh):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def _device_tail(config, source) -> tuple[str, list]:
+  """(host spec, device tail) of input.pp: with `input.normalize_on_device`, its closing
+  value_range / normalize ops move into the train step when the image is uint8 before
+  them, so batches cross to the device as uint8 (a quarter of float32's bytes, and
+  worker processes hand the main process a quarter). The step computes them in the
+  same float32 arithmetic, within an ulp of the host's. Otherwise (spec, [])."""
+  spec = config.input.pp
+  if config.input.on_device or not config.input.normalize_on_device:
+    return spec, []
+  host, tail = preprocess.split_device_tail(spec)
+  if not tail:
+    return spec, []
+  example = preprocess.parse(host)(source[0], np.random.default_rng(0))
+  for _, name, args, kwargs in tail:
+    key = preprocess.op_arguments(name, args, kwargs).get("key", "image")
+    if getattr(example.get(key), "dtype", None) != np.uint8:
+      return spec, []  # Float or absent there: the host finishes as written.
+  return host, tail
+
+
+def _finishing_on_device(core, finish):
+  def step(train_state, batch):
+    return core(train_state, finish(batch))
+  return step
+
+
 def step_options(config, num_devices: int) -> steps.StepOptions:
   """Checks the train step's fields (loss, mixing, accumulation, EMA) and resolves them.
 
@@ -195,8 +221,10 @@ def build(config) -> Run:
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   source = sources.get_source(config.input.data.name, config.input.data.split,
-                              config.input.data_dir or None)
-  pp = preprocess.parse(config.input.pp)
+                              config.input.data_dir or None,
+                              encoded_images=preprocess.decodes_first(config.input.pp))
+  host_spec, tail = _device_tail(config, source)
+  pp = preprocess.parse(host_spec)
   total_steps = configs.total_steps(config, len(source))
   if config.input.batch_size % mesh.size:
     raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
@@ -215,6 +243,8 @@ def build(config) -> Run:
         _device_input_step(core, config.input.pp, shardings, batch_sharding, mesh),
         device_data)
   else:
+    if tail:
+      core = _finishing_on_device(core, device_pp.finisher(tail))
     train_step = jax.jit(core, in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0)

@@ -63,12 +63,7 @@ def augmenter(spec: str) -> Callable[[Batch, jax.Array], Batch]:
   nothing depends on how the batch is split over devices or processes.
   """
   _, calls = split(spec)
-  ops = []
-  for text, name, args, kwargs in calls:
-    try:
-      ops.append(_DEVICE_OPS[name](*args, **kwargs))
-    except (TypeError, ValueError) as e:
-      raise DeviceInputError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
+  ops = _device_ops(calls)
 
   def augment(batch: Batch, key: jax.Array) -> Batch:
     size = next(iter(batch.values())).shape[0]
@@ -78,6 +73,29 @@ def augmenter(spec: str) -> Callable[[Batch, jax.Array], Batch]:
       batch = op(batch, jax.vmap(lambda k, j=j: jax.random.fold_in(k, j))(keys))
     return batch
   return augment
+
+
+def _device_ops(calls) -> list[DeviceOp]:
+  ops = []
+  for text, name, args, kwargs in calls:
+    try:
+      ops.append(_DEVICE_OPS[name](*args, **kwargs))
+    except (TypeError, ValueError) as e:
+      raise DeviceInputError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
+  return ops
+
+
+def finisher(calls) -> Callable[[Batch], Batch]:
+  """`input.normalize_on_device`: the closing value_range / normalize ops of a host spec
+  (`preprocess.split_device_tail`'s calls) on a global batch; they draw nothing."""
+  ops = _device_ops(calls)
+
+  def finish(batch: Batch) -> Batch:
+    batch = dict(batch)
+    for op in ops:
+      batch = op(batch, None)
+    return batch
+  return finish
 
 
 def augmentation_key(rng: jax.Array, step: jax.Array) -> jax.Array:

@@ -202,8 +202,11 @@ def _split_folder(root: str, split: str) -> str:
                     f"'{root}/{split}/<class>/'")
 
 
-def open_source(root: str, split: str) -> "FolderSource":
-  """The source of `split` of the image folder `root` (see the module docstring)."""
+def open_source(root: str, split: str, encoded: bool = False) -> "FolderSource":
+  """The source of `split` of the image folder `root` (see the module docstring).
+
+  encoded: images as their file's bytes, for a pp that begins with `decode`.
+  """
   if split not in SPLIT_FOLDERS:
     raise FolderError(f"image folders have splits {', '.join(SPLIT_FOLDERS)}, not "
                       f"'{split}': set the split to one of those")
@@ -230,20 +233,23 @@ def open_source(root: str, split: str) -> "FolderSource":
     raise FolderError(f"split '{split}' of folder '{root}' has no readable images: add "
                       f"images (in the flat layout each class needs 3 or more to put one "
                       f"in the 20% test part)")
-  return FolderSource(root, split, paths, labels, label_names)
+  return FolderSource(root, split, paths, labels, label_names, encoded)
 
 
 class FolderSource:
   """A grain random-access source over checked image files: len(), [i], labels().
 
   `[i]` is {"image": uint8 HxWx3 RGB (grey repeated, alpha dropped, as the `decode` op),
-  "label": int, "path": str}. `label_names` are the class names in label order.
+  "label": int, "path": str}; with `encoded`, "image" is the file's bytes, which a pp
+  beginning with `decode` decodes (fused with the crops and resizes after it).
+  `label_names` are the class names in label order.
   """
 
   def __init__(self, root: str, split: str, paths: list[str], labels: list[int],
-               label_names: list[str]):
+               label_names: list[str], encoded: bool = False):
     self.root = root
     self.split = split
+    self.encoded = encoded
     self.paths = tuple(paths)
     self._labels = tuple(int(x) for x in labels)
     self.label_names = list(label_names)
@@ -257,7 +263,7 @@ class FolderSource:
     try:
       with open(path, "rb") as f:
         data = f.read()
-      image = _DECODE({"image": data}, None)["image"]
+      image = data if self.encoded else _DECODE({"image": data}, None)["image"]
     except (OSError, preprocess.DecodeError) as e:
       raise FolderError(f"image '{path}' no longer reads ({' '.join(str(e).split())}): "
                         f"replace or remove it and restart (files are checked when the "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import io
 import math
 from typing import Any, Callable, Optional
@@ -99,7 +100,7 @@ def parse(spec: str) -> Preprocess:
       ops.append(_REGISTRY[name](*args, **kwargs))
     except (TypeError, ValueError, ArithmeticError) as e:
       raise PreprocessError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
-  return Preprocess(spec, tuple(ops))
+  return Preprocess(spec, tuple(_fuse_decode(ops)))
 
 
 # `input.on_device` (vitcls.data.device_pp) splits a spec before its first op that draws
@@ -109,6 +110,46 @@ RANDOM_OPS = ("random_crop", "random_shift", "inception_crop", "flip_lr", "randa
               "random_erasing")
 ON_DEVICE_OPS = ("drop", "flip_lr", "keep", "normalize", "onehot", "random_crop",
                  "random_shift", "value_range")
+
+
+def op_arguments(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+  """The registered op `name`'s arguments by name, defaults filled in."""
+  bound = inspect.signature(_REGISTRY[name]).bind(*args, **kwargs)
+  bound.apply_defaults()
+  return dict(bound.arguments)
+
+
+def decodes_first(spec: str) -> bool:
+  """Whether `spec` begins with `decode` of the "image" key: its source may then hand
+  over encoded images (`sources.get_source(encoded_images=True)`)."""
+  first = next((t.strip() for t in spec.split("|") if t.strip()), "")
+  if not first:
+    return False
+  name, args, kwargs = _parse_call(first)
+  return name == "decode" and op_arguments(name, args, kwargs).get("key") == "image"
+
+
+# `input.normalize_on_device`: the spec's closing value_range / normalize run in the
+# train step instead, so batches cross to the device as uint8, a quarter of the bytes.
+DEVICE_TAIL_OPS = ("value_range", "normalize")
+_LABEL_OPS = ("onehot", "multihot", "keep", "drop")  # May follow them; they stay on host.
+
+
+def split_device_tail(spec: str) -> tuple[str, list[tuple[str, str, tuple, dict]]]:
+  """(spec without its closing value_range / normalize ops, those ops as calls).
+
+  Closing: after them come only label ops (onehot, multihot, keep, drop), which touch
+  other keys and stay in the host spec, in their order. A spec with no such ops gives
+  (spec, []). Whether the image really is uint8 there is for the caller to check.
+  """
+  calls = [(text, *_parse_call(text)) for text in (t.strip() for t in spec.split("|"))
+           if text]
+  start = len(calls)
+  while start > 0 and calls[start - 1][1] in DEVICE_TAIL_OPS + _LABEL_OPS:
+    start -= 1
+  tail = [c for c in calls[start:] if c[1] in DEVICE_TAIL_OPS]
+  host = [c[0] for c in calls if not any(c is t for t in tail)]
+  return "|".join(host), tail
 
 
 def split_for_device(spec: str) -> tuple[str, list[tuple[str, str, tuple, dict]]]:
@@ -134,26 +175,59 @@ def _hw(size, width=None) -> tuple[int, int]:
   return (int(size), int(size if width is None else width))
 
 
-def _on_key(key: str, fn: Callable[[np.ndarray, np.random.Generator], np.ndarray]) -> Op:
-  def op(example, rng):
-    example[key] = fn(np.asarray(example[key]), rng)
+@dataclasses.dataclass(frozen=True)
+class ImageOp:
+  """An op on `example[key]`'s array.
+
+  `on_pil`, where given, is the same op on a PIL image (L or RGB) of those uint8
+  pixels, equal pixel for pixel and drawing the same numbers from the rng: `parse`
+  runs such ops straight after `decode` on the decoded PIL image, which skips copying
+  the whole image into NumPy and back (see `_DecodeThenPil`).
+  """
+  key: str
+  fn: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+  on_pil: Optional[Callable[[Image.Image, np.random.Generator], Image.Image]] = None
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    example[self.key] = self.fn(np.asarray(example[self.key]), rng)
     return example
-  return op
+
+
+def _on_key(key: str, fn: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+            on_pil=None) -> ImageOp:
+  return ImageOp(key, fn, on_pil)
+
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "bicubic": Image.BICUBIC, "area": Image.BOX}
 
 
 def _resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarray:
-  """Resizes an HWC array with PIL, channel by channel, keeping its dtype."""
-  resample = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-              "bicubic": Image.BICUBIC, "area": Image.BOX}[method]
+  """Resizes an HWC array with PIL, keeping its dtype.
+
+  uint8 images with 1 or 3 channels are resized as one 8-bit PIL image, as torchvision
+  and timm resize (their RandomResizedCrop and Resize): each of PIL's two passes rounds
+  to 8 bits, which puts about one pixel in six one level away from resizing in float,
+  at under two thirds of the cost. Other dtypes and channel counts go channel by
+  channel through PIL's float32 mode.
+  """
+  if img.dtype == np.uint8 and img.shape[-1] in (1, 3):
+    out = np.asarray(_uint8_pil(img).resize((hw[1], hw[0]), resample=_RESAMPLE[method]))
+    return out[..., None] if out.ndim == 2 else out
   channels = [
       np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(
-          (hw[1], hw[0]), resample=resample))
+          (hw[1], hw[0]), resample=_RESAMPLE[method]))
       for c in range(img.shape[-1])]
   out = np.stack(channels, axis=-1)
   if np.issubdtype(img.dtype, np.integer):  # In place: image-sized temporaries cost.
     info = np.iinfo(img.dtype)
     np.clip(np.round(out, out=out), info.min, info.max, out=out)
   return out.astype(img.dtype, copy=False)
+
+
+def _uint8_pil(img: np.ndarray) -> Image.Image:
+  """An L or RGB PIL image of uint8 HW1 / HW3 pixels."""
+  return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
 
 
 def _check_method(method: str) -> None:
@@ -166,7 +240,8 @@ def _resize(size, width=None, key="image", method="bilinear") -> Op:
   """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area)."""
   hw = _hw(size, width)
   _check_method(method)
-  return _on_key(key, lambda img, rng: _resize_image(img, hw, method))
+  return _on_key(key, lambda img, rng: _resize_image(img, hw, method),
+                 on_pil=lambda pil, rng: pil.resize((hw[1], hw[0]), _RESAMPLE[method]))
 
 
 def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -189,8 +264,11 @@ def _resize_small(size, key="image", method="bilinear") -> Op:
   """
   size = int(size)
   _check_method(method)
+  def on_pil(pil, rng):
+    h, w = resize_small_shape(pil.height, pil.width, size)
+    return pil.resize((w, h), _RESAMPLE[method])
   return _on_key(key, lambda img, rng: _resize_image(
-      img, resize_small_shape(img.shape[0], img.shape[1], size), method))
+      img, resize_small_shape(img.shape[0], img.shape[1], size), method), on_pil=on_pil)
 
 
 @register("central_crop")
@@ -279,13 +357,20 @@ def _inception_crop(size=None, area_min=5, area_max=100, key="image",
                                          rng)
     out = img[top:top + h, left:left + w]
     return out if hw is None else _resize_image(out, hw, method)
-  return _on_key(key, crop)
+  def on_pil(pil, rng):
+    top, left, h, w = inception_crop_box(pil.height, pil.width, area_min, area_max, rng)
+    out = pil.crop((left, top, left + w, top + h))  # Not resize(box=): that reads
+    # pixels around the box too.
+    return out if hw is None else out.resize((hw[1], hw[0]), _RESAMPLE[method])
+  return _on_key(key, crop, on_pil=on_pil)
 
 
 @register("flip_lr")
 def _flip_lr(key="image") -> Op:
   """Flips left-right with probability 1/2."""
-  return _on_key(key, lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img)
+  return _on_key(key, lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img,
+                 on_pil=lambda pil, rng: (pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                          if rng.random() < 0.5 else pil))
 
 
 @register("to_rgb")
@@ -498,8 +583,8 @@ def _pil_image(value, key: str) -> Image.Image:
   return img
 
 
-def _to_mode(img: Image.Image, mode: str) -> np.ndarray:
-  """uint8 pixels of `img` in PIL `mode` (L or RGB); alpha is dropped, as TF's decode."""
+def _in_mode(img: Image.Image, mode: str) -> Image.Image:
+  """`img` in PIL `mode` (L or RGB), uint8; alpha is dropped, as TF's decode."""
   if img.mode.startswith("I"):  # 16-bit grey PNGs: keep the high byte, as libpng's strip.
     img = Image.fromarray((np.asarray(img).astype(np.int64) >> 8).clip(0, 255)
                           .astype(np.uint8))
@@ -507,9 +592,77 @@ def _to_mode(img: Image.Image, mode: str) -> np.ndarray:
     img = img.convert("RGBA")
   elif img.mode not in ("1", "L", "LA", "RGB", "RGBA"):  # CMYK, YCbCr, F, ...
     img = img.convert("RGB")
-  if img.mode == mode:  # convert() would only copy the decoded image.
-    return np.asarray(img)
-  return np.asarray(img.convert(mode))
+  return img if img.mode == mode else img.convert(mode)  # convert() would only copy.
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+  """uint8 HWC pixels of an L or RGB image."""
+  arr = np.asarray(img)
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decode:
+  """The `decode` op (see `_decode`)."""
+  key: str
+  channels: int
+
+  def decoded(self, value) -> bool:
+    """Whether `value` is already uint8 pixels with the right channels (left as is)."""
+    return (isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3
+            and value.shape[-1] == self.channels)
+
+  def pil(self, value) -> Image.Image:
+    return _in_mode(_pil_image(value, self.key), DECODE_MODES[self.channels])
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    value = example[self.key]
+    if not self.decoded(value):
+      example[self.key] = _pixels(self.pil(value))
+    return example
+
+
+@dataclasses.dataclass(frozen=True)
+class _DecodeThenPil:
+  """`decode` and the ops after it that have a PIL twin, run on the decoded PIL image.
+
+  Crops and resizes straight after decoding (`decode|inception_crop(224)`,
+  `decode|resize_small(256)`) then skip copying the whole decoded image into NumPy and
+  the crop back into PIL: the same pixels and the same rng draws as the ops one by one,
+  which still run for examples that hold pixels already.
+  """
+  decode: _Decode
+  then: tuple[ImageOp, ...]
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    value = example[self.decode.key]
+    if self.decode.decoded(value):
+      for op in self.then:
+        example = op(example, rng)
+      return example
+    img = self.decode.pil(value)
+    for op in self.then:
+      img = op.on_pil(img, rng)
+    example[self.decode.key] = _pixels(img)
+    return example
+
+
+def _fuse_decode(ops: list[Op]) -> list[Op]:
+  """Each `decode` merged with the following ops on its key that have a PIL twin."""
+  fused: list[Op] = []
+  i = 0
+  while i < len(ops):
+    op, i = ops[i], i + 1
+    if isinstance(op, _Decode):
+      then = []
+      while (i < len(ops) and isinstance(ops[i], ImageOp) and ops[i].key == op.key
+             and ops[i].on_pil is not None):
+        then.append(ops[i])
+        i += 1
+      if then:
+        op = _DecodeThenPil(op, tuple(then))
+    fused.append(op)
+  return fused
 
 
 @register("decode")
@@ -525,16 +678,7 @@ def _decode(key="image", channels=3) -> Op:
   """
   if channels not in DECODE_MODES:
     raise TypeError(f"channels must be 1 or 3, got {channels!r}")
-  mode = DECODE_MODES[channels]
-  def op(example, rng):
-    value = example[key]
-    if (isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3
-        and value.shape[-1] == channels):
-      return example  # Already decoded, with the right channels.
-    img = _to_mode(_pil_image(value, key), mode)
-    example[key] = img[..., None] if img.ndim == 2 else img
-    return example
-  return op
+  return _Decode(key, channels)
 
 
 # Registers `randaug`; imported last since it uses `register` from this module.

