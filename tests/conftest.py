@@ -23,6 +23,20 @@ if "VITCLS_TEST_JAX_CACHE" not in os.environ:
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["VITCLS_TEST_JAX_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
+# XLA:CPU's backend code generation unoptimised, in this process and every one the tests
+# start (`xla_flags`): most programs here run a few steps, so compiling them costs more
+# than running them (the suite's compile time halves; measured 15% less wall time on the
+# experiment files). XLA's own passes (fusion, layouts) are unchanged, and every result
+# compared bit for bit comes from processes under the same flags.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a process the tests start: `devices` fake CPU devices."""
+  return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tfds_data_dir(tmp_path_factory):
@@ -44,7 +58,7 @@ def train_command(workdir, *overrides, config=DEFAULT_EXPERIMENT + ":runlocal=Tr
 
 def run_train(workdir, *overrides, devices=1, check=True, **kw):
   """Runs `python -m vitcls.train` in a subprocess with `devices` fake CPU devices."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL="2")
   proc = subprocess.run(train_command(workdir, *overrides, **kw), env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vitcls import configs, evaluate, evaluators, report, train
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 DIGITS = os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")
 
@@ -47,7 +47,7 @@ def test_1001_examples_batch_64_over_8_devices_are_each_counted_once():
             out["index"].tolist() == list(range(1001)), int(out["labels"].sum()),
             [int(x) for x in np.argmax(out["labels"], -1)[:8]])
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vitcls import checkpoint
-from conftest import REPO, losses, run_train, train_command
+from conftest import REPO, losses, run_train, train_command, xla_flags
 
 STEPS = 150
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
@@ -33,7 +33,7 @@ OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
 def cache_env(tmp_path_factory):
   """One persistent compilation cache for every process here: restarts compile once."""
   cache = str(tmp_path_factory.mktemp("jax_cache"))
-  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  return dict(os.environ, XLA_FLAGS=xla_flags(1),
               TF_CPP_MIN_LOG_LEVEL="2", JAX_COMPILATION_CACHE_DIR=cache,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
@@ -162,7 +162,7 @@ def test_sigkill_at_five_random_moments_then_resume_is_bitwise_equal(
 def test_when_one_process_dies_the_other_exits_within_the_timeout(tmp_path):
   """2 processes; SIGKILL one mid-training: the survivor exits non-zero, never hangs."""
   workdir = str(tmp_path / "two")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              TF_CPP_MIN_LOG_LEVEL="2")
   with socket.socket() as s:
     s.bind(("localhost", 0))

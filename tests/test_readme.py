@@ -19,7 +19,7 @@ import sys
 import pytest
 
 import readme_commands
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 MARKER = "<!-- runnable -->"
 TINY = ("--config.total_steps=3", "--config.schedule.warmup_steps=1")
@@ -84,7 +84,7 @@ def test_every_runnable_readme_command_runs_at_tiny_size(tmp_path):
   os.symlink(os.path.join(REPO, "experiments"), tmp_path / "experiments")
   (tmp_path / "commands.json").write_text(json.dumps(commands))
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=xla_flags(1))
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "tests", "readme_commands.py"), "commands.json"],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from vitcls import configs, sweep
-from conftest import DEFAULT_EXPERIMENT, REPO, read_metrics, write_sweep_experiment
+from conftest import (DEFAULT_EXPERIMENT, REPO, read_metrics, write_sweep_experiment,
+                      xla_flags)
 
 
 def test_product_varies_the_first_key_slowest(tmp_path):
@@ -278,7 +279,7 @@ def test_a_killed_sweep_resumes_and_skips_its_finished_members(tmp_path):
   # Members share compiled steps through jax's persistent cache: the eval step and the
   # resumed member's train step compile once (the test's cost is mostly compilation).
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             XLA_FLAGS=xla_flags(1),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   with open(tmp_path / "first.out", "w") as out:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from vitcls import checkpoint
-from conftest import DEFAULT_EXPERIMENT, REPO, losses, read_metrics, run_train, train_command
+from conftest import (DEFAULT_EXPERIMENT, REPO, losses, read_metrics, run_train, train_command,
+                      xla_flags)
 
 
 def _params(workdir, step, part="params"):
@@ -160,7 +161,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(eight_device
   one process with 8 devices."""
   reference = eight_devices[0]
   workdir = str(tmp_path / "two")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
