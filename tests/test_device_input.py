@@ -165,6 +165,30 @@ def test_a_float_image_before_value_range_stays_on_the_host():
   experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
   config = configs.resolve(experiment, [
       "input.on_device=False", "input.pp=value_range(0,1)|resize(28)|value_range(-1,1,0,1)"])
-  host, tail = build._device_tail(config, build.sources.get_source(  # pylint: disable=protected-access
-      config.input.data.name, config.input.data.split))
-  assert (host, tail) == (config.input.pp, [])
+  source = build.sources.get_source(config.input.data.name, config.input.data.split)
+  assert device_pp.host_and_tail(config.input.pp, source) == (config.input.pp, [])
+  assert build.build(config).pp.spec == config.input.pp
+
+
+def test_evaluators_ship_uint8_batches_and_compute_the_same_logits():
+  from vitcls import sharding  # pylint: disable=g-import-not-at-top
+  from vitcls.evaluators import _common  # pylint: disable=g-import-not-at-top
+  experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
+  runs, outs = {}, {}
+  for flag in (True, False):
+    config = configs.resolve(experiment, [f"input.normalize_on_device={flag}"])
+    run = runs.setdefault(flag, build.build(config))
+    mesh = sharding.make_mesh([("data", -1)])
+    inference = _common.Inference(
+        model=run.model, name="mnist5k", split="test", pp=config.evals.test.pp,
+        batch_size=100, train_config=config, mesh=mesh,
+        batch_sharding=sharding.batch_sharding(mesh), max_examples=300)
+    assert inference.dataset[0]["image"].dtype == (np.uint8 if flag else np.float32)
+    params = jax.tree_util.tree_map(  # Not the zero head: logits that vary.
+        lambda x: x + 0.01 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) % 1.3,
+        run.init_state().params)
+    outs[flag] = inference.run(params)
+  np.testing.assert_allclose(outs[True]["logits"], outs[False]["logits"], rtol=1e-5,
+                             atol=1e-5)
+  assert np.ptp(outs[True]["logits"]) > 0.1
+  np.testing.assert_array_equal(outs[True]["labels"], outs[False]["labels"])

@@ -146,26 +146,6 @@ def _device_input_step(core, spec: str, shardings, batch_sharding, mesh):
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def _device_tail(config, source) -> tuple[str, list]:
-  """(host spec, device tail) of input.pp: with `input.normalize_on_device`, its closing
-  value_range / normalize ops move into the train step when the image is uint8 before
-  them, so batches cross to the device as uint8 (a quarter of float32's bytes, and
-  worker processes hand the main process a quarter). The step computes them in the
-  same float32 arithmetic, within an ulp of the host's. Otherwise (spec, [])."""
-  spec = config.input.pp
-  if config.input.on_device or not config.input.normalize_on_device:
-    return spec, []
-  host, tail = preprocess.split_device_tail(spec)
-  if not tail:
-    return spec, []
-  example = preprocess.parse(host)(source[0], np.random.default_rng(0))
-  for _, name, args, kwargs in tail:
-    key = preprocess.op_arguments(name, args, kwargs).get("key", "image")
-    if getattr(example.get(key), "dtype", None) != np.uint8:
-      return spec, []  # Float or absent there: the host finishes as written.
-  return host, tail
-
-
 def _finishing_on_device(core, finish):
   def step(train_state, batch):
     return core(train_state, finish(batch))
@@ -223,7 +203,9 @@ def build(config) -> Run:
   source = sources.get_source(config.input.data.name, config.input.data.split,
                               config.input.data_dir or None,
                               encoded_images=preprocess.decodes_first(config.input.pp))
-  host_spec, tail = _device_tail(config, source)
+  host_spec, tail = config.input.pp, []
+  if config.input.normalize_on_device and not config.input.on_device:
+    host_spec, tail = device_pp.host_and_tail(config.input.pp, source)
   pp = preprocess.parse(host_spec)
   total_steps = configs.total_steps(config, len(source))
   if config.input.batch_size % mesh.size:

@@ -58,8 +58,9 @@ def defaults() -> ConfigDict:
   # Keep the prepared training split on the devices and augment in the train step (small
   # datasets; the pp's ops after its first random one must have JAX twins).
   c.input.on_device = False
-  # The pp's closing value_range / normalize run in the train step, on uint8 batches: a
-  # quarter of the bytes through worker processes and onto the device (host pipeline).
+  # The pp's closing value_range / normalize run in the jitted step, on uint8 batches: a
+  # quarter of the bytes through worker processes and onto the device (host pipeline;
+  # the evaluators' pp too).
   c.input.normalize_on_device = True
 
   # Durations: total_steps wins over total_examples, which wins over total_epochs.

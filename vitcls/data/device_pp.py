@@ -98,6 +98,26 @@ def finisher(calls) -> Callable[[Batch], Batch]:
   return finish
 
 
+def host_and_tail(spec: str, source) -> tuple[str, list]:
+  """(host spec, device tail) for `input.normalize_on_device`.
+
+  The spec's closing value_range / normalize ops (`preprocess.split_device_tail`) move
+  to the device when the image is uint8 just before them (checked on `source[0]`), so
+  batches cross to the device as uint8, a quarter of float32's bytes (and worker
+  processes hand the main process a quarter); `finisher(tail)` then computes them in
+  the same float32 arithmetic, within an ulp of the host's. Otherwise (spec, []).
+  """
+  host, tail = preprocess.split_device_tail(spec)
+  if not tail:
+    return spec, []
+  example = preprocess.parse(host)(source[0], np.random.default_rng(0))
+  for _, name, args, kwargs in tail:
+    key = preprocess.op_arguments(name, args, kwargs).get("key", "image")
+    if getattr(example.get(key), "dtype", None) != np.uint8:
+      return spec, []  # Float or absent there: the host finishes as written.
+  return host, tail
+
+
 def augmentation_key(rng: jax.Array, step: jax.Array) -> jax.Array:
   """The key of step `step`'s augmentation, from the state's rng as dropout's is."""
   return jax.random.fold_in(jax.random.fold_in(rng, step), _AUG_SALT)

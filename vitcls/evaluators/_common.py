@@ -14,7 +14,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from vitcls.data import pipeline, preprocess, sources
+from vitcls.data import device_pp, pipeline, preprocess, sources
 from vitcls import sharding as sharding_lib
 
 
@@ -51,15 +51,21 @@ class Inference:
       self.source = _Prefix(self.source, max_examples)
     self.keys = ("image", "labels", *extra_keys)
     keep = ", ".join(repr(k) for k in self.keys)
+    spec, finish = f"{pp}|keep({keep})", lambda batch: batch
+    if train_config.input.normalize_on_device:  # uint8 batches, as training's.
+      spec, tail = device_pp.host_and_tail(spec, self.source)
+      if tail:
+        finish = device_pp.finisher(tail)
     global_batch = -(-batch_size // mesh.size) * mesh.size  # Padding rows are masked.
     self.dataset = pipeline.eval_dataset(
-        self.source, preprocess.parse(f"{pp}|keep({keep})"), global_batch=global_batch,
+        self.source, preprocess.parse(spec), global_batch=global_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.batch_sharding = batch_sharding
     self.input = train_config.input
     extras = tuple(extra_keys)
 
     def predict(params, batch):
+      batch = finish(batch)
       logits, aux = model.apply({"params": params}, batch["image"], train=False)
       out = {"logits": logits, "pre_logits": aux["pre_logits"], "labels": batch["labels"],
              "_mask": batch["_mask"]}
