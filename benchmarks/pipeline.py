@@ -210,7 +210,7 @@ def vitcls_batches(root: str, spec: str, batch: int, *, num_threads: int,
   value_range stays for the train step, and batches are uint8.
   """
   from vitcls import sharding  # pylint: disable=g-import-not-at-top
-  from vitcls.data import pipeline, preprocess, sources  # pylint: disable=g-import-not-at-top
+  from vitcls.data import device_pp, pipeline, preprocess, sources  # pylint: disable=g-import-not-at-top
   if num_workers:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
@@ -219,17 +219,11 @@ def vitcls_batches(root: str, spec: str, batch: int, *, num_threads: int,
   source = sources.get_source(f"folder:{root}", "train",
                               encoded_images=preprocess.decodes_first(spec))
   if normalize_on_device:
-    spec, _ = preprocess.split_device_tail(spec)
+    spec, _ = device_pp.host_and_tail(spec, source)
   ds = pipeline.train_dataset(source, preprocess.parse(spec), global_batch=batch, seed=seed)
   mesh_sharding = sharding.batch_sharding(sharding.make_mesh([("data", -1)]))
   return pipeline.iterate(ds, mesh_sharding, num_threads=num_threads, prefetch=prefetch,
                           num_workers=num_workers)
-
-
-def split_spec(spec: str) -> str:
-  """The host part of `spec` under input.normalize_on_device (what vitcls runs here)."""
-  from vitcls.data import preprocess  # pylint: disable=g-import-not-at-top
-  return preprocess.split_device_tail(spec)[0]
 
 
 def tf_batches(paths: list[str], labels: list[int], batch: int, *, size: int,
@@ -358,8 +352,7 @@ def imagenet_style(tiny: bool) -> tuple[dict[str, Any], list[common.Row]]:
       "images": count, "image_size_hw": list(image_size),
       "jpeg_kb": {"min": min(kb), "median": float(np.median(kb)), "max": max(kb)},
       "write_s": write_s, "batch_size": batch, "crop_size": size, "cores": cores,
-      "pp": full_pp, "vitcls_host_pp": split_spec(full_pp), "grain_threads": threads,
-      "grain_processes": processes,
+      "pp": full_pp, "grain_threads": threads, "grain_processes": processes,
       "batches_per_timing": chunk, "timings_per_run": repeats, "rounds": rounds,
       "pipelines": measured,
   }

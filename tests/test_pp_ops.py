@@ -400,6 +400,7 @@ def test_resize_small_keeps_aspect(hw, size, expected):
 @pytest.mark.parametrize("method", ["bilinear", "bicubic", "area"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_uint8_resizes_within_one_level_of_float_resizes(method, channels):
+  pil_filters = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "area": Image.BOX}
   # uint8 images resize in 8 bits, as torchvision's PIL resizes; the float32 path
   # (the same PIL filter without rounding between passes) is the reference. Pixels in
   # [40, 200]: bicubic overshoots, and 8 bits clip it between passes near 0 and 255.
@@ -413,6 +414,12 @@ def test_uint8_resizes_within_one_level_of_float_resizes(method, channels):
     assert fast.dtype == np.uint8 and fast.shape == exact.shape
     diff = np.abs(fast.astype(np.float32) - exact)
     assert diff.max() <= 1 and diff.mean() < 0.5, (spec, diff.max(), diff.mean())
+  # Pixel for pixel what torchvision's PIL path gives (Resize, RandomResizedCrop).
+  pil = Image.fromarray(img[..., 0] if channels == 1 else img)
+  torchvision = np.asarray(pil.resize((30, 24), resample=pil_filters[method]))
+  np.testing.assert_array_equal(
+      _run(f"resize(24, 30, method={method!r})", {"image": img})["image"].reshape(
+          torchvision.shape), torchvision)
 
 
 def _one_by_one(spec):

@@ -86,13 +86,16 @@ def _parse_call(text: str) -> tuple[str, tuple, dict]:
   return node.func.id, args, kwargs
 
 
+def _calls(spec: str) -> list[tuple[str, str, tuple, dict]]:
+  """(text, name, args, kwargs) of each op of `spec`, in order; empty ops skipped."""
+  texts = (t.strip() for t in spec.split("|"))
+  return [(text, *_parse_call(text)) for text in texts if text]
+
+
 def parse(spec: str) -> Preprocess:
   """Parses `op1(...)|op2(...)` into a `Preprocess`; errors name the bad op."""
   ops = []
-  for text in (t.strip() for t in spec.split("|")):
-    if not text:
-      continue
-    name, args, kwargs = _parse_call(text)
+  for text, name, args, kwargs in _calls(spec):
     if name not in _REGISTRY:
       raise PreprocessError(f"unknown pp op {shown(name)} in {shown(spec)}: known ops are "
                             f"{', '.join(available_ops())}")
@@ -122,10 +125,10 @@ def op_arguments(name: str, args: tuple, kwargs: dict) -> dict[str, Any]:
 def decodes_first(spec: str) -> bool:
   """Whether `spec` begins with `decode` of the "image" key: its source may then hand
   over encoded images (`sources.get_source(encoded_images=True)`)."""
-  first = next((t.strip() for t in spec.split("|") if t.strip()), "")
-  if not first:
+  calls = _calls(spec)
+  if not calls:
     return False
-  name, args, kwargs = _parse_call(first)
+  _, name, args, kwargs = calls[0]
   return name == "decode" and op_arguments(name, args, kwargs).get("key") == "image"
 
 
@@ -142,8 +145,7 @@ def split_device_tail(spec: str) -> tuple[str, list[tuple[str, str, tuple, dict]
   other keys and stay in the host spec, in their order. A spec with no such ops gives
   (spec, []). Whether the image really is uint8 there is for the caller to check.
   """
-  calls = [(text, *_parse_call(text)) for text in (t.strip() for t in spec.split("|"))
-           if text]
+  calls = _calls(spec)
   start = len(calls)
   while start > 0 and calls[start - 1][1] in DEVICE_TAIL_OPS + _LABEL_OPS:
     start -= 1
@@ -157,10 +159,7 @@ def split_for_device(spec: str) -> tuple[str, list[tuple[str, str, tuple, dict]]
 
   Raises PreprocessError naming the first op after a random one that has no JAX twin.
   """
-  calls = []
-  for text in (t.strip() for t in spec.split("|")):
-    if text:
-      calls.append((text, *_parse_call(text)))
+  calls = _calls(spec)
   first = next((i for i, c in enumerate(calls) if c[1] in RANDOM_OPS), len(calls))
   for text, name, _, _ in calls[first:]:
     if name not in ON_DEVICE_OPS:
@@ -212,8 +211,7 @@ def _resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarr
   channel through PIL's float32 mode.
   """
   if img.dtype == np.uint8 and img.shape[-1] in (1, 3):
-    out = np.asarray(_uint8_pil(img).resize((hw[1], hw[0]), resample=_RESAMPLE[method]))
-    return out[..., None] if out.ndim == 2 else out
+    return from_pil(to_pil(img).resize((hw[1], hw[0]), resample=_RESAMPLE[method]))
   channels = [
       np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(
           (hw[1], hw[0]), resample=_RESAMPLE[method]))
@@ -225,9 +223,15 @@ def _resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarr
   return out.astype(img.dtype, copy=False)
 
 
-def _uint8_pil(img: np.ndarray) -> Image.Image:
+def to_pil(img: np.ndarray) -> Image.Image:
   """An L or RGB PIL image of uint8 HW1 / HW3 pixels."""
   return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
+def from_pil(img: Image.Image) -> np.ndarray:
+  """uint8 HWC pixels of an L or RGB image."""
+  arr = np.asarray(img)
+  return arr[..., None] if arr.ndim == 2 else arr
 
 
 def _check_method(method: str) -> None:
@@ -595,12 +599,6 @@ def _in_mode(img: Image.Image, mode: str) -> Image.Image:
   return img if img.mode == mode else img.convert(mode)  # convert() would only copy.
 
 
-def _pixels(img: Image.Image) -> np.ndarray:
-  """uint8 HWC pixels of an L or RGB image."""
-  arr = np.asarray(img)
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
 @dataclasses.dataclass(frozen=True)
 class _Decode:
   """The `decode` op (see `_decode`)."""
@@ -618,7 +616,7 @@ class _Decode:
   def __call__(self, example: Example, rng: np.random.Generator) -> Example:
     value = example[self.key]
     if not self.decoded(value):
-      example[self.key] = _pixels(self.pil(value))
+      example[self.key] = from_pil(self.pil(value))
     return example
 
 
@@ -643,7 +641,7 @@ class _DecodeThenPil:
     img = self.decode.pil(value)
     for op in self.then:
       img = op.on_pil(img, rng)
-    example[self.decode.key] = _pixels(img)
+    example[self.decode.key] = from_pil(img)
     return example
 
 

@@ -61,7 +61,7 @@ PRESETS = {"big_vision": BIG_VISION_OPS, "paper": PAPER_OPS}
 # Operations: uint8 HWC (1 or 3 channels) -> uint8 HWC of the same shape.
 
 def _lut(img: np.ndarray, table: np.ndarray) -> np.ndarray:
-  return np.take(np.clip(table, 0, 255).astype(np.uint8), img)  # Twice indexing's speed.
+  return np.take(np.clip(table, 0, 255).astype(np.uint8), img)  # 1.7x indexing's speed.
 
 
 def invert(img: np.ndarray) -> np.ndarray:
@@ -167,29 +167,23 @@ def sharpness(img: np.ndarray, factor: float) -> np.ndarray:
   return blend(smooth, img, factor)
 
 
-def _pil(img: np.ndarray) -> Image.Image:
-  return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-
-
-def _from_pil(pil: Image.Image) -> np.ndarray:
-  arr = np.asarray(pil)
-  return arr[..., None] if arr.ndim == 2 else arr
-
-
 def _fill(img: np.ndarray):
   return FILL if img.shape[-1] == 1 else (FILL,) * img.shape[-1]
 
 
 def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
   """Rotates counter-clockwise by `degrees` about the centre, same size, grey fill."""
-  return _from_pil(_pil(img).rotate(degrees, resample=Image.NEAREST,
-                                    fillcolor=_fill(img)))
+  rotated = preprocess.to_pil(img).rotate(degrees, resample=Image.NEAREST,
+                                          fillcolor=_fill(img))
+  return preprocess.from_pil(rotated)
 
 
 def _affine(img: np.ndarray, coeffs) -> np.ndarray:
   """Output pixel (x, y) takes input pixel round(A (x, y)) for PIL's affine `coeffs`."""
-  return _from_pil(_pil(img).transform((img.shape[1], img.shape[0]), Image.AFFINE, coeffs,
-                                       resample=Image.NEAREST, fillcolor=_fill(img)))
+  moved = preprocess.to_pil(img).transform((img.shape[1], img.shape[0]), Image.AFFINE,
+                                           coeffs, resample=Image.NEAREST,
+                                           fillcolor=_fill(img))
+  return preprocess.from_pil(moved)
 
 
 def shear_x(img: np.ndarray, level: float) -> np.ndarray:
