@@ -32,7 +32,9 @@ BENCH_ARGS ?=
 bench: $(VENV)/.installed
 	$(VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
 
+# The linter first (rules in pyproject.toml: defects, not style), then the suite.
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:

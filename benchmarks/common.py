@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from vitcls.run import workdir as wdir
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -108,11 +110,7 @@ def write(result: Result, results_dir: str = RESULTS_DIR) -> str:
   """Writes `results_dir/NAME.json` (replacing the previous one) and returns its path."""
   os.makedirs(results_dir, exist_ok=True)
   path = os.path.join(results_dir, f"{result.name}{'_tiny' if result.tiny else ''}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result.to_json(), f, indent=2, default=float)
-    f.write("\n")
-  os.replace(tmp, path)
+  wdir.atomic_write(path, json.dumps(result.to_json(), indent=2, default=float) + "\n")
   return path
 
 

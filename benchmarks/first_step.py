@@ -7,7 +7,7 @@ child (`--child`) does what `python -m vitcls.train` does up to its first step, 
 same order, and reports when each phase ended (absolute clock; the parent notes the
 spawn time):
   python   interpreter start-up, up to this module's first line;
-  imports  absl + vitcls.configs/validate, then jax and everything `vitcls.loop` pulls in;
+  imports  absl + vitcls.configs/validate, then jax and everything `vitcls.run.loop` pulls in;
   config   loading, resolving and checking the experiment;
   backend  the first device query (XLA client start-up);
   build    `build.build`: opens the data source, builds model and optimiser, traces shapes;
@@ -49,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import ClassVar
 
 from benchmarks import common
 
@@ -109,7 +110,7 @@ def _short(name: str) -> str:
 
 class _JaxEvents(logging.Handler):
   """Collects JAX's per-function compile events and persistent-cache verdicts."""
-  _EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+  _EVENTS: ClassVar[dict[str, str]] = {"/jax/core/compile/jaxpr_trace_duration": "trace",
              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
              "/jax/core/compile/backend_compile_duration": "compile"}
   _VERDICTS = (("cache hit for '", "hit"), ("CACHE MISS for '", "miss"),
@@ -180,7 +181,7 @@ def child(argv: list[str]) -> dict:
   import jax  # The cache directory comes from $JAX_COMPILATION_CACHE_DIR, as in the CLI.
   events = _JaxEvents()
   events.install()
-  from vitcls import build, loop  # noqa: F401  pylint: disable=unused-import
+  from vitcls.run import build, loop  # noqa: F401  pylint: disable=unused-import
   mark("imports")
   validate.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mark("backend")
@@ -188,15 +189,13 @@ def child(argv: list[str]) -> dict:
   mark("build")
   state = jax.block_until_ready(run.init_state())
   mark("init")
-  from vitcls import checkpoint, evaluators, writers  # pylint: disable=g-import-not-at-top
+  from vitcls.run import checkpoint, evaluation, writers  # pylint: disable=g-import-not-at-top
   workdir = tempfile.mkdtemp(prefix="first-step-")
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                  asynchronous=config.async_checkpoints)
   ckpt.restore_latest(run.abstract_state)
-  for name, cfg in config.evals.items():
-    cfg = evaluators.resolve(name, cfg)
-    evaluators.get(cfg.type).Evaluator(cfg, model=run.model, train_config=config,
-                                       mesh=run.mesh, batch_sharding=run.batch_sharding)
+  evaluation.Evaluations(config, workdir, model=run.model, mesh=run.mesh,
+                         batch_sharding=run.batch_sharding)
   writers.DeferredWriter(workdir, None, run.total_steps, config.log_every)
   batch = jax.block_until_ready(next(run.batches(0)))
   mark("data")

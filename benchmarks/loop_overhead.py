@@ -2,7 +2,7 @@
 
     python -m benchmarks.loop_overhead [--tiny]
 
-`loop` is `vitcls.loop.train` itself on the default experiment (experiments/
+`loop` is `vitcls.run.loop.train` itself on the default experiment (experiments/
 mnist5k_vit.py: its input pipeline, logging every 50 steps, async checkpoints every
 500, as configured; evals off): img/s from its own `img_per_sec` metric, each logging
 interval after the first (which holds compilation) one sample. `bare` is the same
@@ -14,7 +14,6 @@ device buys.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -23,7 +22,9 @@ from absl import logging
 import jax
 
 from benchmarks import common
-from vitcls import build, configs, loop
+from vitcls import configs
+from vitcls.run import build, loop
+from vitcls.run import workdir as wdir
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "experiments", "mnist5k_vit.py")
@@ -54,8 +55,7 @@ def loop_img_per_s(config, steps: int) -> list[float]:
   config.evals = configs.ConfigDict()
   with tempfile.TemporaryDirectory() as workdir:
     loop.train(config, workdir)
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
+    rows = wdir.read_metrics(workdir)
   rates = [r["img_per_sec"] for r in rows if "img_per_sec" in r]
   return rates[1:] or rates
 

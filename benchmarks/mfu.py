@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from vitcls import build, configs, models, sharding
+from vitcls import configs, models, sharding
+from vitcls.run import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIT_EXPERIMENT = os.path.join(REPO, "experiments", "vit_s16_i1k.py")

@@ -89,7 +89,8 @@ def _close(it, settle: bool = True) -> None:
 def pipeline_over_step(tiny: bool, overrides: list[str]) -> dict[str, Any]:
   """The default experiment's pipeline (with `overrides`) over its own bare train step."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vitcls import build, configs  # pylint: disable=g-import-not-at-top
+  from vitcls import configs
+  from vitcls.run import build  # pylint: disable=g-import-not-at-top
   arg = ":runlocal=True" if tiny else ""
   config = configs.resolve(configs.load_experiment(
       os.path.join(_repo(), DEFAULT_EXPERIMENT) + arg), overrides)
@@ -206,21 +207,20 @@ def vitcls_batches(root: str, spec: str, batch: int, *, num_threads: int,
                    seed: int = 0) -> Iterator:
   """vitcls's training input over `folder:root`: grain, then global arrays on device.
 
-  `normalize_on_device` as the config field (vitcls.build): the spec's closing
+  `normalize_on_device` as the config field (vitcls.run.build): the spec's closing
   value_range stays for the train step, and batches are uint8.
   """
   from vitcls import sharding  # pylint: disable=g-import-not-at-top
-  from vitcls.data import device_pp, pipeline, preprocess, sources  # pylint: disable=g-import-not-at-top
+  from vitcls.data import pipeline, pp, sources  # pylint: disable=g-import-not-at-top
   if num_workers:
     from absl import flags  # pylint: disable=g-import-not-at-top
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags.
       flags.FLAGS.mark_as_parsed()
-  # As vitcls.build opens it: a pp that begins with decode gets the files' bytes.
-  source = sources.get_source(f"folder:{root}", "train",
-                              encoded_images=preprocess.decodes_first(spec))
-  if normalize_on_device:
-    spec, _ = device_pp.host_and_tail(spec, source)
-  ds = pipeline.train_dataset(source, preprocess.parse(spec), global_batch=batch, seed=seed)
+  # Planned as vitcls.run.build plans: a pp that begins with decode gets the files' bytes.
+  plan = pp.plan(spec, lambda encoded: sources.get_source(f"folder:{root}", "train",
+                                                          encoded_images=encoded),
+                 normalize_on_device=normalize_on_device)
+  ds = pipeline.train_dataset(plan.source, plan.host, global_batch=batch, seed=seed)
   mesh_sharding = sharding.batch_sharding(sharding.make_mesh([("data", -1)]))
   return pipeline.iterate(ds, mesh_sharding, num_threads=num_threads, prefetch=prefetch,
                           num_workers=num_workers)

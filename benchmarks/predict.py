@@ -48,7 +48,8 @@ def train_workdir(workdir: str, tiny: bool) -> str:
   Tiny: its runlocal variant (6 steps: the train step `benchmarks.pipeline` compiles too,
   so a test session's compilation cache serves it), evaluated and saved at the end only.
   """
-  from vitcls import configs, loop  # pylint: disable=g-import-not-at-top
+  from vitcls import configs
+  from vitcls.run import loop  # pylint: disable=g-import-not-at-top
   arg, overrides = ":runlocal=True", ["evals.test.every=100", "checkpoint_every=100"]
   if not tiny:
     arg, overrides = "", ["total_steps=2", "schedule.warmup_steps=1"]
@@ -77,11 +78,12 @@ def write_digit_jpegs(folder: str, count: int) -> list[str]:
 def bare_forward(workdir: str, batch_size: int, repeats: int, calls: int):
   """Timing of `calls` forward passes (softmax of the model) on one on-device batch."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vitcls import checkpoint, configs, export, models  # pylint: disable=g-import-not-at-top
+  from vitcls import configs, inspection, models
+  from vitcls.run import checkpoint  # pylint: disable=g-import-not-at-top
   config = configs.load_workdir_config(workdir)
   model = models.build(config.model_name, config.num_classes, config.model)
   params = jax.device_put(checkpoint.load_params(workdir))
-  _, image_shape, _ = export.serving_inputs(config)
+  _, image_shape, _ = inspection.serving_inputs(config)
   images = jax.device_put(np.random.default_rng(0).uniform(
       -1, 1, (batch_size, *image_shape)).astype(np.float32))
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))

@@ -7,7 +7,7 @@ resized bilinearly to the output size, a random left-right flip, RandAugment, th
 `decode_jpeg_and_inception_crop`, which decodes only the crop: `fused_decode=True`.)
 
 RandAugment is written here in TF ops from vitcls's description of the operations
-(`vitcls.data.randaug`: big_vision's 16, their magnitudes, grey 128 fill, nearest
+(`vitcls.data.pp.randaug`: big_vision's 16, their magnitudes, grey 128 fill, nearest
 sampling), one operation drawn per layer with a `switch_case`, as big_vision draws one.
 It matches vitcls's operations in kind and cost, not bit for bit: only speed is compared.
 """

@@ -7,7 +7,7 @@ token, 1000 classes, no dropout or drop path) at 224 px, batch 32, fp32, AdamW (
 weight decay 0.05), softmax cross-entropy, no clipping, on the same images (GELU is
 the tanh approximation in vitcls, as in the original ViT, and exact in timm). timm:
 `vit_tiny_patch16_224`, `zero_grad / backward / step` with `torch.set_num_threads` set
-to the cores XLA uses. vitcls: its real jitted train step (`vitcls.build`) on a batch
+to the cores XLA uses. vitcls: its real jitted train step (`vitcls.run.build`) on a batch
 already on the device. Headline: vitcls img/s over timm img/s, each round timing every
 step once in turn (A B A B ...), so load from elsewhere falls on both alike.
 
@@ -170,8 +170,8 @@ def dot_product_attention():
 
 
 def build_run(config):
-  """`vitcls.build.build(config)`, imported here so that loading this module skips JAX."""
-  from vitcls import build  # pylint: disable=g-import-not-at-top
+  """`vitcls.run.build.build(config)`, imported here so that loading this module skips JAX."""
+  from vitcls.run import build  # pylint: disable=g-import-not-at-top
   return build.build(config)
 
 

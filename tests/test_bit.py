@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitcls import models
+from vitcls import configs, models, validate
 from vitcls.configs import ConfigError
 from vitcls.models import bit, loading
 
@@ -273,8 +273,10 @@ def test_registry_finds_bit_and_build_checks_fields():
   assert "bit" in models.available()
   model = models.build("bit", 10, {"depth": 50})
   assert isinstance(model, bit.Model) and model.num_classes == 10 and model.depth == 50
+  config = configs.resolve(configs.ConfigDict(), ["total_steps=1", "model_name=bit",
+                                                   "model.depht=50"])
   with pytest.raises(ConfigError) as info:
-    models.build("bit", 10, {"depht": 50})
+    validate.check(config)
   assert str(info.value).startswith(
       "unknown config key 'model.depht' for model 'bit': known fields are depth, dtype, "
       "head_zeroinit, width")

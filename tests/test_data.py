@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from vitcls.data import embedded, pipeline, preprocess, sources
+from vitcls.data import embedded, pipeline, sources
+from vitcls.data import pp as pp_lib
 
 
 def _all(source):
@@ -82,7 +83,7 @@ def test_a_pp_that_decodes_reads_tfds_images_encoded():
   decoded, encoded = (sources.get_source("mnist5k", "test", encoded_images=e)
                       for e in (False, True))
   assert isinstance(encoded[0]["image"], bytes) and decoded[0]["image"].dtype == np.uint8
-  pp = preprocess.parse("decode(channels=1)|resize(14)")
+  pp = pp_lib.parse("decode(channels=1)|resize(14)")
   for i in (0, 7):
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(pp(encoded[i], rng)["image"], pp(decoded[i], rng)["image"])
@@ -105,7 +106,7 @@ def test_missing_dataset_is_one_clear_error(name, split, message, tmp_path):
 # Preprocessing ops.
 
 def _run(spec, example, seed=0):
-  return preprocess.parse(spec)(example, np.random.default_rng(seed))
+  return pp_lib.parse(spec)(example, np.random.default_rng(seed))
 
 
 def test_value_range_and_onehot():
@@ -152,8 +153,8 @@ def test_flip_lr_is_random_and_exact():
     ("onehot(n)", "takes literal arguments only"),
 ])
 def test_bad_pp_spec_is_one_clear_error(spec, message):
-  with pytest.raises(preprocess.PreprocessError) as e:
-    preprocess.parse(spec)
+  with pytest.raises(pp_lib.PreprocessError) as e:
+    pp_lib.parse(spec)
   assert message in str(e.value) and "\n" not in str(e.value)
   if "unknown" in message:
     assert "value_range" in str(e.value)  # Lists the known ops.
@@ -179,7 +180,7 @@ def _ids(batch):
 
 
 def test_each_epoch_is_a_fresh_permutation():
-  ds = pipeline.train_dataset(_IndexSource(60), preprocess.parse(""), global_batch=10,
+  ds = pipeline.train_dataset(_IndexSource(60), pp_lib.parse(""), global_batch=10,
                               seed=3)
   epoch0 = sum((_ids(ds[k]) for k in range(6)), [])
   epoch1 = sum((_ids(ds[k]) for k in range(6, 12)), [])
@@ -189,7 +190,7 @@ def test_each_epoch_is_a_fresh_permutation():
 
 def test_batch_of_step_k_is_a_function_of_seed_and_k():
   source = _IndexSource(50)
-  pp = preprocess.parse("random_shift(1)")
+  pp = pp_lib.parse("random_shift(1)")
   full = pipeline.train_dataset(source, pp, global_batch=8, seed=1)
   resumed = pipeline.train_dataset(source, pp, global_batch=8, seed=1, start_step=7)
   for i in range(5):  # Step 7+i from a run started at 0 equals the resumed stream.
@@ -200,7 +201,7 @@ def test_batch_of_step_k_is_a_function_of_seed_and_k():
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_processes_hold_contiguous_slices_of_the_global_batch(process_count):
-  source, pp = _IndexSource(37), preprocess.parse("random_shift(1)")
+  source, pp = _IndexSource(37), pp_lib.parse("random_shift(1)")
   whole = pipeline.train_dataset(source, pp, global_batch=8, seed=0, start_step=5)
   parts = [pipeline.train_dataset(source, pp, global_batch=8, seed=0, start_step=5,
                                   process_index=p, process_count=process_count)
@@ -212,12 +213,12 @@ def test_processes_hold_contiguous_slices_of_the_global_batch(process_count):
 
 def test_batch_not_divisible_by_processes_is_an_error():
   with pytest.raises(ValueError, match="not divisible by the number of processes 3"):
-    pipeline.train_dataset(_IndexSource(10), preprocess.parse(""), global_batch=8, seed=0,
+    pipeline.train_dataset(_IndexSource(10), pp_lib.parse(""), global_batch=8, seed=0,
                            process_count=3)
 
 
 def test_eval_dataset_covers_every_example_once_with_padding_masked():
-  ds = pipeline.eval_dataset(_IndexSource(23), preprocess.parse(""), global_batch=10)
+  ds = pipeline.eval_dataset(_IndexSource(23), pp_lib.parse(""), global_batch=10)
   batches = [ds[i] for i in range(len(ds))]
   assert len(batches) == 3
   mask = np.concatenate([b["_mask"] for b in batches])
@@ -226,7 +227,7 @@ def test_eval_dataset_covers_every_example_once_with_padding_masked():
 
 
 def test_iterate_yields_global_arrays_equal_to_the_dataset():
-  ds = pipeline.train_dataset(_IndexSource(30), preprocess.parse(""), global_batch=6,
+  ds = pipeline.train_dataset(_IndexSource(30), pp_lib.parse(""), global_batch=6,
                               seed=0)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   it = pipeline.iterate(ds, sharding, num_threads=2, prefetch=2, device_prefetch=2)
@@ -241,7 +242,7 @@ def test_worker_processes_deliver_the_same_batches_in_the_same_order():
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, as under the CLI.
     flags.FLAGS.mark_as_parsed()
   source = sources.get_source("mnist5k", "train")
-  pp = preprocess.parse("random_shift(2)|value_range(-1,1)|onehot(10)")
+  pp = pp_lib.parse("random_shift(2)|value_range(-1,1)|onehot(10)")
   ds = pipeline.train_dataset(source, pp, global_batch=32, seed=0, start_step=3)
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   threads = pipeline.iterate(ds, sharding, num_workers=0)

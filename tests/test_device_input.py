@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitcls import build, configs, validate
-from vitcls.data import device_pp, preprocess
+from vitcls import configs, validate
+from vitcls.run import build
+from vitcls.data import pp as pp_lib
+from vitcls.data.pp import device, planning, registry
 from tests.conftest import DEFAULT_EXPERIMENT
 
 
@@ -14,19 +16,25 @@ def _images(n=64, h=6, w=7, c=2, seed=0):
   return np.random.default_rng(seed).integers(1, 256, size=(n, h, w, c), dtype=np.uint8)
 
 
-def _run(spec, batch, key=jax.random.key(3)):
-  return jax.device_get(jax.jit(device_pp.augmenter(spec))(batch, key))
+def _run(spec, batch, key=None):
+  key = jax.random.key(3) if key is None else key
+  return jax.device_get(jax.jit(pp_lib.plan(spec, on_device=True).augmenter())(batch, key))
 
 
 def test_the_spec_splits_before_its_first_random_op():
-  prefix, rest = device_pp.split("decode|resize(32)|random_shift(2)|value_range(-1,1)")
-  assert prefix == "decode|resize(32)"
-  assert [c[1] for c in rest] == ["random_shift", "value_range"]
-  assert device_pp.split("resize(8)|onehot(10)") == ("resize(8)|onehot(10)", [])
-  with pytest.raises(device_pp.DeviceInputError, match="'randaug.2,10.'.*on_device=False"):
-    device_pp.split("random_shift(2)|randaug(2,10)|value_range(-1,1)")
-  # The JAX-free list the validator uses names exactly the ops that have a twin.
-  assert device_pp.available_ops() == sorted(preprocess.ON_DEVICE_OPS)
+  plan = pp_lib.plan("decode|resize(32)|random_shift(2)|value_range(-1,1)", on_device=True)
+  assert plan.host_spec == "decode|resize(32)"
+  assert [c[1] for c in plan.device] == ["random_shift", "value_range"]
+  plan = pp_lib.plan("resize(8)|onehot(10)", on_device=True)
+  assert (plan.host_spec, plan.device) == ("resize(8)|onehot(10)", ())
+  with pytest.raises(pp_lib.DeviceInputError, match="'randaug.2,10.'.*on_device=False"):
+    pp_lib.plan("random_shift(2)|randaug(2,10)|value_range(-1,1)", on_device=True)
+  # Each twin the JAX-free registry names (the validator reads it) is a device factory.
+  twins = pp_lib.available_ops(lambda e: e.jax_twin is not None)
+  assert twins == ["drop", "flip_lr", "keep", "normalize", "onehot", "random_crop",
+                   "random_shift", "value_range"]
+  assert all(callable(registry.get(n).jax_factory()) for n in twins)
+  assert device.random_shift is registry.get("random_shift").jax_factory()
 
 
 def test_the_validator_names_an_op_without_a_twin_before_anything_is_built():
@@ -71,14 +79,14 @@ def test_deterministic_ops_equal_the_host_ops():
   spec = "value_range(-1,1)|onehot(5, on=0.9, off=0.025)"
   # random_shift(0) draws but moves nothing: the ops after it run on the device.
   got = _run("random_shift(0)|" + spec, {"image": images, "label": labels})
-  host = preprocess.parse(spec)
+  host = pp_lib.parse(spec)
   for i in range(8):
     want = host({"image": images[i], "label": labels[i]}, np.random.default_rng(0))
     np.testing.assert_allclose(got["image"][i], want["image"], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got["labels"][i], want["labels"])
   norm = "normalize((0.485, 0.456), (0.229, 0.224))"
   got = _run("random_shift(0)|" + norm, {"image": images})["image"]
-  want = np.stack([preprocess.parse(norm)({"image": x}, None)["image"] for x in images])
+  want = np.stack([pp_lib.parse(norm)({"image": x}, None)["image"] for x in images])
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   assert _run("random_shift(0)|keep('image')", {"image": images, "label": labels}).keys() == {"image"}
 
@@ -136,7 +144,7 @@ def test_a_train_step_on_device_input_is_a_pure_function_of_state_and_step():
     ("resize(8)|onehot(10)", "resize(8)|onehot(10)", []),
 ])
 def test_the_closing_value_range_and_normalize_split_off(spec, host, tail):
-  got_host, got_tail = preprocess.split_device_tail(spec)
+  got_host, got_tail = planning.tail_split(spec)
   assert got_host == host and [c[1] for c in got_tail] == tail
 
 
@@ -147,8 +155,8 @@ def test_closing_value_range_runs_in_the_step_on_uint8_batches():
   assert "value_range" not in runs[True].pp.spec and "value_range" in runs[False].pp.spec
   small, full = next(runs[True].batches(0)), next(runs[False].batches(0))
   assert small["image"].dtype == jnp.uint8 and full["image"].dtype == jnp.float32
-  _, tail = preprocess.split_device_tail(experiment.input.pp)
-  finished = jax.jit(device_pp.finisher(tail))(small)
+  _, tail = planning.tail_split(experiment.input.pp)
+  finished = jax.jit(device.finisher(tail))(small)
   np.testing.assert_allclose(finished["image"], full["image"], rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(small["labels"], full["labels"])
   losses = {}
@@ -166,28 +174,29 @@ def test_a_float_image_before_value_range_stays_on_the_host():
   config = configs.resolve(experiment, [
       "input.on_device=False", "input.pp=value_range(0,1)|resize(28)|value_range(-1,1,0,1)"])
   source = build.sources.get_source(config.input.data.name, config.input.data.split)
-  assert device_pp.host_and_tail(config.input.pp, source) == (config.input.pp, [])
+  plan = pp_lib.plan(config.input.pp, lambda encoded: source, normalize_on_device=True)
+  assert (plan.host_spec, plan.device) == (config.input.pp, ())
   assert build.build(config).pp.spec == config.input.pp
 
 
 def test_evaluators_ship_uint8_batches_and_compute_the_same_logits():
   from vitcls import sharding  # pylint: disable=g-import-not-at-top
-  from vitcls.evaluators import _common  # pylint: disable=g-import-not-at-top
+  from vitcls import inference  # pylint: disable=g-import-not-at-top
   experiment = configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True")
   runs, outs = {}, {}
   for flag in (True, False):
     config = configs.resolve(experiment, [f"input.normalize_on_device={flag}"])
     run = runs.setdefault(flag, build.build(config))
     mesh = sharding.make_mesh([("data", -1)])
-    inference = _common.Inference(
+    split = inference.Inference(
         model=run.model, name="mnist5k", split="test", pp=config.evals.test.pp,
         batch_size=100, train_config=config, mesh=mesh,
         batch_sharding=sharding.batch_sharding(mesh), max_examples=300)
-    assert inference.dataset[0]["image"].dtype == (np.uint8 if flag else np.float32)
+    assert split.dataset[0]["image"].dtype == (np.uint8 if flag else np.float32)
     params = jax.tree_util.tree_map(  # Not the zero head: logits that vary.
         lambda x: x + 0.01 * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape) % 1.3,
         run.init_state().params)
-    outs[flag] = inference.run(params)
+    outs[flag] = split.run(params)
   np.testing.assert_allclose(outs[True]["logits"], outs[False]["logits"], rtol=1e-5,
                              atol=1e-5)
   assert np.ptp(outs[True]["logits"]) > 0.1

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitcls import configs, evaluate, evaluators, report, train
+from vitcls import configs, evaluate, evaluators, train, validate
+from vitcls.run import report
 from conftest import REPO, xla_flags
 
 DIGITS = os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")
@@ -22,7 +23,7 @@ def test_1001_examples_batch_64_over_8_devices_are_each_counted_once():
       import jax, numpy as np
       from vitcls import configs, sharding
       from vitcls.data import sources
-      from vitcls.evaluators import _common
+      from vitcls import inference
 
       class Source:
         def __len__(self):
@@ -38,11 +39,11 @@ def test_1001_examples_batch_64_over_8_devices_are_each_counted_once():
       sources.get_source = lambda *a, **k: Source()
       config = configs.resolve(configs.ConfigDict())
       mesh = sharding.make_mesh([("data", -1)])
-      inference = _common.Inference(
+      split = inference.Inference(
           model=Model(), name="x", split="test", pp="onehot(7)", batch_size=64,
           train_config=config, mesh=mesh, batch_sharding=sharding.batch_sharding(mesh),
           extra_keys=("index",))
-      out = inference.run({})
+      out = split.run({})
       print(jax.device_count(), len(out["index"]), sorted(out["index"].tolist()) == list(range(1001)),
             out["index"].tolist() == list(range(1001)), int(out["labels"].sum()),
             [int(x) for x in np.argmax(out["labels"], -1)[:8]])
@@ -96,6 +97,19 @@ def test_evaluate_cli_adds_evaluators_and_writes_the_report_with_plots(evaluated
     with Image.open(os.path.join(workdir, "report", name)) as image:
       assert image.size[0] > 200 and image.size[1] > 200
   assert "| ood/msp/auroc |" in text and "| test/worst_group_accuracy |" in text
+
+
+def test_evaluate_checks_the_overridden_config_as_training_does(evaluated, tmp_path):
+  workdir, _ = evaluated
+  with pytest.raises(configs.ConfigError) as e:
+    evaluate.evaluate(workdir, overrides=["loss=nope", "model.depht=2"])
+  assert "loss" in str(e.value) and "model.depht" in str(e.value)
+  assert "2 problems" in str(e.value)
+  # model_init is what a run started from; evaluating it again does not read it.
+  config = configs.load_workdir_config(workdir, ["model_init=" + str(tmp_path / "gone.npz")])
+  validate.check(config, training=False)
+  with pytest.raises(configs.ConfigError, match="gone.npz"):
+    validate.check(config)
 
 
 def test_ood_needs_an_ood_dataset():

@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from vitcls import build, checkpoint, configs, export, train
+from vitcls import configs, export, train
+from vitcls.run import build, checkpoint
 from vitcls.errors import UserError
 from vitcls.models import loading
 from conftest import REPO
@@ -95,14 +96,15 @@ def test_savedmodel_export_of_a_workdir_serves_like_vitcls(trained, tmp_path):
   """uint8 RGB in, the eval pp and the model inside: the same probabilities as vitcls."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vitcls import models  # pylint: disable=g-import-not-at-top
-  from vitcls.data import preprocess, sources  # pylint: disable=g-import-not-at-top
+  from vitcls.data import sources  # pylint: disable=g-import-not-at-top
+  from vitcls.data import pp as pp_lib  # pylint: disable=g-import-not-at-top
   output = export.export_savedmodel(trained, str(tmp_path / "served"))
   with open(os.path.join(output, "assets", "labels.txt")) as f:
     assert f.read().split() == [str(i) for i in range(10)]
   config = configs.load_workdir_config(trained)
   source = sources.get_source("mnist5k", "test")
   grey = np.stack([source[i]["image"] for i in range(5)])  # (5, 28, 28, 1) uint8
-  pp = preprocess.parse(config.evals.test.pp)
+  pp = pp_lib.parse(config.evals.test.pp)
   images = np.stack([pp({"image": g, "label": 0}, None)["image"] for g in grey])
   model = models.build(config.model_name, config.num_classes, config.model)
   logits, _ = model.apply({"params": checkpoint.load_params(trained)}, images)

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from vitcls import checkpoint
-from conftest import REPO, losses, run_train, train_command, xla_flags
+from vitcls.run import checkpoint
+from conftest import REPO, losses, train_command, xla_flags
 
 STEPS = 150
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
@@ -137,9 +137,9 @@ def test_sigkill_at_five_random_moments_then_resume_is_bitwise_equal(
     before = _complete_steps(workdir)
     proc = _start(workdir, cache_env)
     if moment == "save":  # A checkpoint newer than those on disk is being written.
-      _wait_for(lambda: _saving(workdir) and _complete_steps(workdir) == before, proc)
+      _wait_for(lambda b=before: _saving(workdir) and _complete_steps(workdir) == b, proc)
     elif moment == "step":  # Mid-training: after a new checkpoint, a random delay.
-      _wait_for(lambda: _complete_steps(workdir) != before, proc)
+      _wait_for(lambda b=before: _complete_steps(workdir) != b, proc)
       time.sleep(float(rng.uniform(0, 1)))
     else:  # Imports, data opening or compilation.
       _wait_for(lambda: False, proc, timeout=float(rng.uniform(1, 6)))
@@ -191,7 +191,8 @@ def test_when_one_process_dies_the_other_exits_within_the_timeout(tmp_path):
 def test_skip_nonfinite_updates_counts_skips_and_stops_after_too_many_in_a_row(tmp_path):
   """In-process: lr 1e30 breaks the weights at step 2; every later update is skipped
   (counted in the metrics), and the run stops after 3 in a row, one clear error."""
-  from vitcls import configs, loop, train  # pylint: disable=g-import-not-at-top
+  from vitcls import configs, train
+  from vitcls.run import loop  # pylint: disable=g-import-not-at-top
   from conftest import DEFAULT_EXPERIMENT, read_metrics  # pylint: disable=g-import-not-at-top
   config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"), [
       "lr=1e30", "grad_clip_norm=0", "skip_nonfinite_updates=True", "max_skipped_in_a_row=3",

@@ -9,7 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vitcls.data import embedded, folder, pipeline, preprocess, sources
+from vitcls.data import embedded, folder, pipeline, sources
+from vitcls.data import pp as pp_lib
 from conftest import REPO
 
 
@@ -133,12 +134,12 @@ def test_examples_decode_lazily_and_pickle(tmp_path, monkeypatch):
 def test_a_pp_that_decodes_gets_the_files_bytes_and_the_same_batches(tmp_path):
   root = "folder:" + _flat(tmp_path)
   spec = "decode|inception_crop(8)|flip_lr|value_range(-1,1)"
-  assert preprocess.decodes_first(spec) and not preprocess.decodes_first("resize(8)")
+  assert pp_lib.plan(spec).encoded_images and not pp_lib.plan("resize(8)").encoded_images
   encoded = sources.get_source(root, "train", encoded_images=True)
   with open(encoded.paths[3], "rb") as f:
     assert encoded[3]["image"] == f.read()
   decoded = sources.get_source(root, "train")
-  batches = [pipeline.train_dataset(source, preprocess.parse(spec), global_batch=4, seed=1)
+  batches = [pipeline.train_dataset(source, pp_lib.parse(spec), global_batch=4, seed=1)
              for source in (encoded, decoded)]
   for step in range(3):
     np.testing.assert_array_equal(batches[0][step]["image"], batches[1][step]["image"])
@@ -239,7 +240,7 @@ def test_train_stream_is_the_same_fresh_or_resumed(tmp_path):
   root = _flat(tmp_path)
   _save(os.path.join(root, "emu", "big.png"), size=(30, 20))  # Sizes differ: resized.
   source = sources.get_source("folder:" + root, "train")
-  pp = preprocess.parse("random_shift(1)|resize(8)|value_range(-1,1)|onehot(3)")
+  pp = pp_lib.parse("random_shift(1)|resize(8)|value_range(-1,1)|onehot(3)")
   fresh = pipeline.train_dataset(source, pp, global_batch=4, seed=3)
   for k in (0, 5, 11):  # Step 11 is past two epochs of 19 examples.
     resumed = pipeline.train_dataset(source, pp, global_batch=4, seed=3, start_step=k)[0]
@@ -261,11 +262,11 @@ def test_finetune_rgb_false_makes_folder_images_grey(tmp_path):
   for split, spec in (("train", config.input.pp), ("test", config.evals.test.pp)):
     example = sources.get_source(config.input.data.name, split)[0]
     assert example["image"].shape[-1] == 3  # The folder's RGB.
-    out = preprocess.parse(spec)(example, np.random.default_rng(0))
+    out = pp_lib.parse(spec)(example, np.random.default_rng(0))
     assert out["image"].shape == (24, 24, 1), (split, spec)
     assert out["labels"].shape == (3,)
   rgb = configs.resolve(configs.load_experiment(
       f"{experiment}:dataset=folder:{root},classes=3,res=24"))
   example = sources.get_source(rgb.input.data.name, "train")[0]
-  assert preprocess.parse(rgb.input.pp)(example, np.random.default_rng(0))["image"].shape == (
+  assert pp_lib.parse(rgb.input.pp)(example, np.random.default_rng(0))["image"].shape == (
       24, 24, 3)

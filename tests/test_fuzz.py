@@ -8,14 +8,14 @@ import string
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vitcls import configs
-from vitcls.data import preprocess
+from vitcls.data import pp as pp_lib
 from vitcls.errors import UserError
 
 SETTINGS = settings(max_examples=300, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 # Text near the grammar finds more than uniform noise: op names, brackets, literals.
-_OPS = sorted(preprocess.available_ops())
+_OPS = sorted(pp_lib.available_ops())
 _PIECES = st.sampled_from(_OPS + ["(", ")", ",", "|", "=", "'", '"', "[", "]", "{", "}",
                                   "1", "-1", "0.5", "1e999", "None", "True", "key=",
                                   "method=", "'bicubic'", "*", "**", "lambda", "\\", " ",
@@ -44,11 +44,11 @@ def _one_line_error(e: Exception) -> None:
 @given(st.one_of(_CALLS, _NEAR, _ANY))
 def test_pp_spec_parses_or_gives_one_error(spec):
   try:
-    result = preprocess.parse(spec)
+    result = pp_lib.parse(spec)
   except Exception as e:  # pylint: disable=broad-except
     _one_line_error(e)
   else:
-    assert isinstance(result, preprocess.Preprocess)
+    assert isinstance(result, pp_lib.Preprocess)
 
 
 _ARG_SPEC = dict(variant="S/16", steps=100, lr=0.1, runlocal=False, names=["a"])

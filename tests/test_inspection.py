@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitcls import checkpoint, configs, inspection, models
+from vitcls import configs, inspection, models
+from vitcls.run import checkpoint
 from vitcls.models import vit
 
 TINY = dict(num_classes=3, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=7,

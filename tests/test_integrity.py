@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from vitcls import build, checkpoint, configs, export, train, workdir_lock
+from vitcls import configs, export, train
+from vitcls.run import build, checkpoint, lock as workdir_lock
+from vitcls.run import workdir as wdir
 from conftest import DEFAULT_EXPERIMENT
 
 
@@ -118,7 +120,7 @@ def _damaged_copy(reference, tmp_path, damage):
 
 
 def _assert_moved_aside(workdir, files):
-  moved = os.path.join(workdir, checkpoint.BROKEN_DIR, "6")
+  moved = os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR, "6")
   assert sorted(os.path.relpath(os.path.join(r, n), moved)
                 for r, _, names in os.walk(moved) for n in names) == files
   with open(moved + ".reason.txt") as f:
@@ -144,7 +146,7 @@ def test_training_resumes_from_the_newest_intact_step_and_ends_bitwise_equal(
     train.train(_config(), workdir)
   warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
   assert len(warnings) == 1 and "checkpoint of step 6" in warnings[0], warnings
-  assert os.path.join(checkpoint.BROKEN_DIR, "6") in warnings[0]
+  assert os.path.join(wdir.BROKEN_CHECKPOINTS_DIR, "6") in warnings[0]
   assert any("Resuming from the checkpoint of step 3" in r.getMessage()
              for r in caplog.records)
   _assert_moved_aside(workdir, files)  # Kept as it was, only elsewhere.
@@ -175,8 +177,8 @@ def test_each_kind_of_damage_is_found_and_the_older_step_restored(reference, tmp
 def test_a_second_damaged_step_goes_aside_under_a_new_name_and_none_left_is_a_fresh_start(
     reference, tmp_path):
   workdir, _ = _damaged_copy(reference, tmp_path, "deleted commit marker")
-  os.makedirs(os.path.join(workdir, checkpoint.BROKEN_DIR, "6"))  # From an earlier time.
-  with open(os.path.join(workdir, checkpoint.BROKEN_DIR, "6", "keep.txt"), "w") as f:
+  os.makedirs(os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR, "6"))  # From an earlier time.
+  with open(os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR, "6", "keep.txt"), "w") as f:
     f.write("earlier")
   _remover("commit_success.txt")(os.path.join(workdir, "checkpoints", "3"))
   run = build.build(_config())
@@ -186,9 +188,9 @@ def test_a_second_damaged_step_goes_aside_under_a_new_name_and_none_left_is_a_fr
     assert ckpt.latest_step() is None
   finally:
     ckpt.close()
-  assert sorted(os.listdir(os.path.join(workdir, checkpoint.BROKEN_DIR))) == [
+  assert sorted(os.listdir(os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR))) == [
       "3", "3.reason.txt", "6", "6.1", "6.1.reason.txt"]
-  assert os.listdir(os.path.join(workdir, checkpoint.BROKEN_DIR, "6")) == ["keep.txt"]
+  assert os.listdir(os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR, "6")) == ["keep.txt"]
 
 
 @pytest.mark.parametrize("damage", ["truncated array file", "corrupted array data"])
@@ -228,7 +230,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_the_users_error_and_stays(
     assert "the checkpoint of step 6" in message and "does not fit this config" in message
     assert detail in message and "\n" not in message, message
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
-  assert not os.path.exists(os.path.join(workdir, checkpoint.BROKEN_DIR))
+  assert not os.path.exists(os.path.join(workdir, wdir.BROKEN_CHECKPOINTS_DIR))
 
 
 def test_a_checkpoint_from_before_a_state_field_existed_still_resumes(tmp_path):

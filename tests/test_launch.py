@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from vitcls import launch, sweep
+from vitcls import launch
+from vitcls.sweep import __main__ as sweep_cli
+from vitcls.sweep import members as sweep_members
 from conftest import DEFAULT_EXPERIMENT, write_sweep_experiment
 
 # An override that shell quoting must not break: spaces, parentheses, `|` and quotes.
@@ -39,11 +41,11 @@ def _experiment(tmp_path):
 
 def test_sweep_job_array_runs_each_member_on_two_nodes(tmp_path, capsys):
   spec, workdir = _experiment(tmp_path), str(tmp_path / "sweep")
-  assert sweep.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
-                     "--launcher=slurm", "--nodes=2", "--gpus_per_node=8",
-                     "--cpus_per_task=32", "--max_parallel=2", "--time=2:00:00",
-                     "--partition=gpu", "--sbatch_args=--qos=high",
-                     "--config.total_steps=50"]) == 0
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
+                         "--launcher=slurm", "--nodes=2", "--gpus_per_node=8",
+                         "--cpus_per_task=32", "--max_parallel=2", "--time=2:00:00",
+                         "--partition=gpu", "--sbatch_args=--qos=high",
+                         "--config.total_steps=50"]) == 0
   path = os.path.join(workdir, "sweep.sbatch")
   assert f"sbatch {path}" in capsys.readouterr().out.splitlines()
   _bash_n(path)
@@ -55,7 +57,7 @@ def test_sweep_job_array_runs_each_member_on_two_nodes(tmp_path, capsys):
                "export JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7"]:
     assert line in text.splitlines(), line
   assert os.path.isdir(os.path.join(workdir, "slurm"))  # sbatch does not create it.
-  members, _ = sweep.load_members(spec)
+  members, _ = sweep_members.load_members(spec)
   assert [m.values["input.pp"] for m in members] == ["value_range(-1,1)"] * 2 + [PP] * 2
   for task, member in enumerate(members):
     argv = _srun_argv(path, task)

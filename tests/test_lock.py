@@ -13,9 +13,11 @@ import time
 
 import pytest
 
-from vitcls import configs, train, workdir_lock
+from vitcls import configs, train
+from vitcls.run import lock as workdir_lock
+from vitcls.run import workdir as wdir
 from vitcls.errors import UserError
-from vitcls.workdir_lock import WorkdirLock, WorkdirLockedError, WorkdirLockLostError
+from vitcls.run.lock import WorkdirLock, WorkdirLockedError, WorkdirLockLostError
 from conftest import DEFAULT_EXPERIMENT, REPO
 
 
@@ -27,7 +29,7 @@ def _config(*overrides):
 def _write_lock(workdir, age_s=0.0, **fields):
   """A lock file as another holder would have written it (this machine's by default)."""
   holder = dataclasses.replace(workdir_lock.this_process(), **fields)
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  path = os.path.join(workdir, wdir.TRAIN_LOCK_FILE)
   with open(path, "w") as f:
     json.dump(dataclasses.asdict(holder), f)
   if age_s:
@@ -52,7 +54,7 @@ def sleeper():
 
 def test_a_second_trainer_on_a_workdir_in_use_stops_at_once_naming_the_holder(
     tmp_path, sleeper, monkeypatch):
-  from vitcls import build  # pylint: disable=g-import-not-at-top
+  from vitcls.run import build  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path)
   holder = _write_lock(workdir, pid=sleeper.pid,
                        process_start=workdir_lock._process_start(sleeper.pid))
@@ -64,7 +66,7 @@ def test_a_second_trainer_on_a_workdir_in_use_stops_at_once_naming_the_holder(
   message = str(info.value)
   assert "\n" not in message and f"workdir '{workdir}' is in use" in message
   assert f"host {socket.gethostname()}, pid {sleeper.pid}, since {holder.since}" in message
-  assert os.listdir(workdir) == [workdir_lock.LOCK_FILE]  # Not even config.json written.
+  assert os.listdir(workdir) == [wdir.TRAIN_LOCK_FILE]  # Not even config.json written.
 
 
 def test_this_process_holding_the_lock_is_a_live_holder_too(tmp_path):
@@ -74,7 +76,7 @@ def test_this_process_holding_the_lock_is_a_live_holder_too(tmp_path):
       WorkdirLock(workdir).acquire()
     assert f"pid {os.getpid()}" in str(info.value)
     assert workdir_lock.live_holder(workdir).pid == os.getpid()
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))  # Released.
+  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))  # Released.
   assert workdir_lock.live_holder(workdir) is None
 
 
@@ -83,7 +85,7 @@ def test_the_lock_is_released_when_training_fails(tmp_path):
   with pytest.raises(UserError, match="imagenet_v9"):
     train.train(_config("input.data.name=imagenet_v9"), workdir)
   assert os.path.exists(os.path.join(workdir, "config.json"))  # It failed inside the lock.
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))
 
 
 @pytest.mark.parametrize("kind", ["dead pid", "reused pid", "other boot", "foreign host"])
@@ -107,7 +109,7 @@ def test_a_lock_left_by_a_process_that_is_gone_is_taken_over_with_a_warning(
 
 def test_an_unreadable_lock_is_an_error_while_recent_and_taken_over_once_stale(tmp_path):
   workdir = str(tmp_path)
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  path = os.path.join(workdir, wdir.TRAIN_LOCK_FILE)
   with open(path, "w") as f:
     f.write('{"host": "node-17", "pi')  # A holder that died while writing it.
   with pytest.raises(WorkdirLockedError) as info:
@@ -135,12 +137,12 @@ def test_training_takes_over_a_stale_lock_and_releases_it(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="absl"):
     train.train(_config("total_steps=2", "evals.test.every=1000"), workdir)
   assert any("Took over the lock" in r.getMessage() for r in caplog.records)
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))
 
 
 def test_the_holder_heartbeats_and_notices_a_lost_lock(tmp_path):
   workdir = str(tmp_path)
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  path = os.path.join(workdir, wdir.TRAIN_LOCK_FILE)
   lock = WorkdirLock(workdir, stale_after=1.0).acquire()  # Heartbeat every 0.2 s.
   try:
     past = time.time() - 3600
@@ -186,7 +188,7 @@ def test_racing_threads_for_a_stale_lock_exactly_one_wins(tmp_path):
 
 _RACER = """
 import os, sys, time
-from vitcls import workdir_lock
+from vitcls.run import lock as workdir_lock
 workdir, go, release = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 time.sleep(max(0.0, go - time.time()))
 try:
@@ -218,4 +220,4 @@ def test_racing_processes_for_a_stale_lock_exactly_one_wins(tmp_path):
   assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
   verdicts = [out.split()[0] for out, _ in outputs]
   assert sorted(verdicts) == ["LOST"] * 5 + ["WON"], outputs
-  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
+  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))

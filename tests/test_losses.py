@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from vitcls import losses
+from vitcls import configs, losses, validate
 from vitcls.configs import ConfigError
 
 
@@ -84,8 +84,10 @@ def test_sigmoid_xent_sums_over_classes():
 def test_get_by_name():
   assert losses.get("softmax_xent") is losses.softmax_xent
   assert losses.get("sigmoid_xent") is losses.sigmoid_xent
-  with pytest.raises(ConfigError, match="unknown loss 'focal'.*softmax_xent, sigmoid_xent"):
-    losses.get("focal")
+  config = configs.resolve(configs.ConfigDict(), ["total_steps=10", "loss=focal"])
+  with pytest.raises(ConfigError, match="loss: unknown value 'focal'.*softmax_xent, "
+                     "sigmoid_xent"):
+    validate.check(config)
 
 
 def test_balanced_class_weights():
@@ -101,34 +103,41 @@ def test_balanced_class_weights():
 
 def test_balanced_class_weights_reject_empty_class():
   with pytest.raises(ConfigError, match="class 2 has no examples"):
-    losses.balanced_class_weights([5, 3, 0, 1])
+    validate.check_class_counts([5, 3, 0, 1], 4)
 
 
 def test_resolve_class_weights():
   def no_scan():
     raise AssertionError("counts_fn must only run for 'balanced'")
-  assert losses.resolve_class_weights(None, no_scan, 3) is None
-  w = losses.resolve_class_weights([1, 2.5, 0], no_scan, 3)
+  assert losses.resolve_class_weights(None, no_scan) is None
+  w = losses.resolve_class_weights([1, 2.5, 0], no_scan)
   assert w.dtype == np.float32
   np.testing.assert_array_equal(w, [1, 2.5, 0])
-  np.testing.assert_array_equal(losses.resolve_class_weights((1.0, 2.0), no_scan, 2), [1, 2])
+  np.testing.assert_array_equal(losses.resolve_class_weights((1.0, 2.0), no_scan), [1, 2])
   calls = []
-  w = losses.resolve_class_weights("balanced", lambda: calls.append(1) or [10, 30, 60], 3)
+  w = losses.resolve_class_weights("balanced", lambda: calls.append(1) or [10, 30, 60])
   assert calls == [1]
   np.testing.assert_allclose(w, losses.balanced_class_weights([10, 30, 60]))
 
 
 @pytest.mark.parametrize("spec, num_classes, message", [
-    ("inverse", 3, "class_weights 'inverse' is unknown"),
-    ([1.0, 2.0], 3, "has 2 entries but num_classes is 3"),
-    ([1.0, "a", 2.0], 3, "must all be finite numbers"),
-    ([1.0, -1.0, 2.0], 3, "must all be finite numbers >= 0"),
-    ([1.0, float("nan"), 2.0], 3, "must all be finite numbers"),
-    (1.5, 3, "must be None, 'balanced' or a list of 3 numbers"),
-    ({"a": 1}, 3, "must be None, 'balanced' or a list"),
+    ("inverse", 3, "class_weights must be None, 'balanced' or a list of 3 weights, got "
+     "'inverse'"),
+    ([1.0, 2.0], 3, "must list 3 non-negative weights"),
+    ([1.0, "a", 2.0], 3, r"must list 3 non-negative weights \(finite numbers\)"),
+    ([1.0, -1.0, 2.0], 3, r"must list 3 non-negative weights \(finite numbers\)"),
+    ([1.0, float("nan"), 2.0], 3, r"must list 3 non-negative weights \(finite numbers\)"),
+    ([1.0, float("inf"), 2.0], 3, r"must list 3 non-negative weights \(finite numbers\)"),
+    (1.5, 3, "class_weights must be a string or a list"),
+    ({"a": 1}, 3, "class_weights must be a string or a list"),
     ("balanced", 4, "class counts have 3 classes but num_classes is 4"),
 ])
 def test_resolve_class_weights_errors(spec, num_classes, message):
+  """The checks of `validate`: the config's spec, then the split's counts at build time."""
+  config = configs.resolve(configs.ConfigDict(), ["total_steps=10"])
+  with config.unlocked(), config.ignore_type():
+    config.class_weights, config.num_classes = spec, num_classes
   with pytest.raises(ConfigError, match=message) as e:
-    losses.resolve_class_weights(spec, lambda: [10, 30, 60], num_classes)
+    validate.check(config)
+    validate.check_class_counts([10, 30, 60], num_classes)
   assert "\n" not in str(e.value)

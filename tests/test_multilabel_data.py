@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from vitcls import configs
-from vitcls.data import embedded, preprocess, sources
+from vitcls.data import embedded, sources
+from vitcls.data import pp as pp_lib
 from conftest import REPO
 
 
 def _multihot(spec, labels):
-  return preprocess.parse(spec)({"labels": labels}, np.random.default_rng(0))["labels"]
+  return pp_lib.parse(spec)({"labels": labels}, np.random.default_rng(0))["labels"]
 
 
 def test_multihot_by_hand():
@@ -22,7 +23,7 @@ def test_multihot_by_hand():
   assert _multihot("multihot(3)", []).tolist() == [0, 0, 0]  # No label at all.
   assert _multihot("multihot(3)", [1, 1]).tolist() == [0, 1, 0]  # A set: once.
   assert _multihot("multihot(3)", np.int64(2)).tolist() == [0, 0, 1]  # One label.
-  ex = preprocess.parse("multihot(3, key='tags', key_result='y')")(
+  ex = pp_lib.parse("multihot(3, key='tags', key_result='y')")(
       {"tags": np.array([0, 2])}, None)
   assert ex["y"].tolist() == [1, 0, 1] and ex["tags"].tolist() == [0, 2]
 
@@ -34,7 +35,7 @@ def test_multihot_by_hand():
     ([[0, 1]], "1-D array"),
 ])
 def test_multihot_rejects_bad_labels(labels, match):
-  with pytest.raises(preprocess.PreprocessError, match=match):
+  with pytest.raises(pp_lib.PreprocessError, match=match):
     _multihot("multihot(3)", np.array(labels))
 
 
@@ -85,7 +86,7 @@ def test_pairs_labels_are_multi_label_for_sources(pairs):
   with pytest.raises(sources.LabelFeatureError, match="no feature 'label'.*image, labels"):
     sources.label_counts("mnist5k_pairs", "train")
   assert sources.label_names("mnist5k_pairs") == [str(d) for d in range(10)]
-  ex = preprocess.parse("random_shift(2)|value_range(-1,1)|multihot(10)")(
+  ex = pp_lib.parse("random_shift(2)|value_range(-1,1)|multihot(10)")(
       pairs["test"][0], np.random.default_rng(0))
   assert ex["image"].dtype == np.float32 and ex["image"].shape == (28, 56, 1)
   assert ex["labels"].sum() == len(pairs["test"][0]["labels"])

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from vitcls import configs, optim
+from vitcls import configs, optim, validate
 
 
 def _config(**fields):
@@ -46,13 +46,22 @@ def test_linear_rsqrt_constant_decays(decay, expected):
     np.testing.assert_allclose(sched(step), expected(step), rtol=1e-5)
 
 
+def _check(config, total_steps=10):
+  """`validate`'s checks of the config, before JAX and at build time (they live there)."""
+  with config.unlocked(), config.ignore_type():
+    config.total_epochs = 1.0  # The length is known at build time only.
+  validate.check(config)
+  validate.check_built(config, total_steps=total_steps,
+                       optax_arguments=optim.optimizer_arguments(config.optax_name))
+
+
 def test_warmup_percent_and_bad_schedule():
   c = _config(**{"schedule.warmup_percent": 0.25})
-  assert optim.warmup_steps(c, 40) == 10
-  with pytest.raises(configs.ConfigError, match="unknown schedule.decay_type 'cosin'"):
-    optim.make_schedule(_config(**{"schedule.decay_type": "cosin"}), 10)
+  assert configs.warmup_steps(c, 40) == 10
+  with pytest.raises(configs.ConfigError, match="schedule.decay_type: unknown value 'cosin'"):
+    _check(_config(**{"schedule.decay_type": "cosin"}))
   with pytest.raises(configs.ConfigError, match="warmup .* is longer than the run"):
-    optim.make_schedule(_config(**{"schedule.warmup_steps": 50}), 10)
+    _check(_config(**{"schedule.warmup_steps": 50}))
 
 
 def _params():
@@ -105,10 +114,10 @@ def test_adafactor_builds_and_unknown_options_are_errors():
   p = _params()
   updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, p), tx.init(p), p)
   assert np.isfinite(np.asarray(updates["Dense_0"]["kernel"])).all()
-  with pytest.raises(configs.ConfigError, match="unknown optax_name 'adam'"):
-    optim.make_optimizer(_config(optax_name="adam"), 10)
+  with pytest.raises(configs.ConfigError, match="optax_name: unknown value 'adam'"):
+    _check(_config(optax_name="adam"))
   with pytest.raises(configs.ConfigError, match="unknown config key 'optax.beta1'"):
-    optim.make_optimizer(_config(optax=configs.ConfigDict({"beta1": 0.9})), 10)
+    _check(_config(optax=configs.ConfigDict({"beta1": 0.9})))
 
 
 def _run(tx, params, n=4, seed=0):
@@ -140,7 +149,7 @@ def test_frozen_parameters_never_change_and_have_no_optimizer_state():
   state_sizes = [x.size for x in jax.tree_util.tree_leaves(state) if np.ndim(x) > 0]
   assert sum(state_sizes) == 2 * (6 + 2)  # Adam's mu and nu of the head only.
   with pytest.raises(configs.ConfigError, match="config.frozen: bad regex"):
-    optim.make_optimizer(_config(frozen=["head/("]), 10)[0].init(params)
+    _check(_config(frozen=["head/("]))
 
 
 def test_lr_mults_scale_the_update_of_exactly_the_matching_leaves():
@@ -220,10 +229,9 @@ def test_stair_schedule_divides_at_the_boundaries():
     np.testing.assert_allclose(sched(step), value, rtol=1e-5, err_msg=f"step {step}")
   for bad in ([], [0.5, 0.2], [1.5]):
     with pytest.raises(configs.ConfigError, match="schedule.boundaries"):
-      optim.make_schedule(_config(**{"schedule.decay_type": "stair",
-                                     "schedule.boundaries": bad}), 90)
+      _check(_config(**{"schedule.decay_type": "stair", "schedule.boundaries": bad}), 90)
   with pytest.raises(configs.ConfigError, match="inside the warmup"):
-    optim.make_schedule(_config(**{"schedule.decay_type": "stair", "schedule.warmup_steps":
-                                   40, "schedule.boundaries": [0.25]}), 90)
-  with pytest.raises(configs.ConfigError, match="unknown wd_mode 'l3'"):
-    optim.make_optimizer(_config(wd_mode="l3"), 10)
+    _check(_config(**{"schedule.decay_type": "stair", "schedule.warmup_steps": 40,
+                      "schedule.boundaries": [0.25]}), 90)
+  with pytest.raises(configs.ConfigError, match="wd_mode: unknown value 'l3'"):
+    _check(_config(wd_mode="l3"))

@@ -13,15 +13,16 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 from vitcls import serving
-from vitcls.data import preprocess
-from vitcls.data import randaug as ra
+from vitcls.data import pp as pp_lib
+from vitcls.data.pp import image as pp_image
+from vitcls.data.pp import randaug as ra
 from vitcls.errors import UserError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _run(spec, example, seed=0):
-  return preprocess.parse(spec)(example, np.random.default_rng(seed))
+  return pp_lib.parse(spec)(example, np.random.default_rng(seed))
 
 
 def _gradient(size=16):
@@ -49,7 +50,7 @@ def _coords(h, w):
 
 def test_inception_crop_area_and_aspect_stay_in_bounds_and_reach_them():
   img = _coords(200, 300)
-  op, rng = preprocess.parse("inception_crop"), np.random.default_rng(0)
+  op, rng = pp_lib.parse("inception_crop"), np.random.default_rng(0)
   areas, aspects = [], []
   for _ in range(2000):
     crop = op({"image": img}, rng)["image"]
@@ -296,8 +297,8 @@ def test_randaug_is_deterministic_uint8_and_draws_ops_uniformly():
     ("resize_small(8, method='lanczos')", "method must be"),
 ])
 def test_bad_arguments_are_one_line_preprocess_errors(spec, message):
-  with pytest.raises(preprocess.PreprocessError) as e:
-    preprocess.parse(spec)
+  with pytest.raises(pp_lib.PreprocessError) as e:
+    pp_lib.parse(spec)
   assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -375,7 +376,7 @@ _NOISE = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
     (np.zeros((4, 4, 3), np.float32), ["float32", "(4, 4, 3)"]),
 ])
 def test_corrupt_image_is_one_line_user_error(value, words):
-  with pytest.raises(preprocess.DecodeError) as e:
+  with pytest.raises(pp_lib.DecodeError) as e:
     _run("decode", {"image": value})
   assert isinstance(e.value, UserError)
   message = str(e.value)
@@ -394,7 +395,7 @@ def test_resize_small_keeps_aspect(hw, size, expected):
   img = np.full(hw + (3,), 77, np.uint8)
   out = _run(f"resize_small({size})", {"image": img})["image"]
   assert out.shape == expected + (3,) and out.dtype == np.uint8 and (out == 77).all()
-  assert preprocess.resize_small_shape(*hw, size) == expected
+  assert pp_image.resize_small_shape(*hw, size) == expected
 
 
 @pytest.mark.parametrize("method", ["bilinear", "bicubic", "area"])
@@ -424,8 +425,8 @@ def test_uint8_resizes_within_one_level_of_float_resizes(method, channels):
 
 def _one_by_one(spec):
   """`spec` without decode's fusion: each op parsed alone, run in turn."""
-  ops = [preprocess.parse(text).ops[0] for text in spec.split("|")]
-  return preprocess.Preprocess(spec, tuple(ops))
+  ops = [pp_lib.parse(text).ops[0] for text in spec.split("|")]
+  return pp_lib.Preprocess(spec, tuple(ops))
 
 
 @pytest.mark.parametrize("spec", [
@@ -435,7 +436,7 @@ def _one_by_one(spec):
     "decode(channels=1)|resize(12)|inception_crop(8, area_min=30)|random_shift(1)",
 ])
 def test_decode_runs_following_crops_and_resizes_in_pil_with_the_same_result(spec):
-  fused = preprocess.parse(spec)
+  fused = pp_lib.parse(spec)
   assert type(fused.ops[0]).__name__ == "_DecodeThenPil"  # Else nothing is tested.
   img = _gradient(40)[:, :30]
   grey = img[..., :1]

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from vitcls import report
+from vitcls.run import report
 from conftest import REPO
 
 
@@ -42,7 +42,7 @@ def test_report_sets_the_published_figures_beside_the_run(tmp_path):
 
 def test_report_leaves_matplotlib_backend_alone(tmp_path):
   """A notebook's backend (here svg, set as a notebook sets its inline one) stays as it
-  was when vitcls.report is imported and draws; pyplot figures keep working."""
+  was when vitcls.run.report is imported and draws; pyplot figures keep working."""
   code = f"""
 import json, os, sys
 import matplotlib
@@ -50,7 +50,7 @@ matplotlib.use("svg")
 import matplotlib.pyplot as plt
 before = matplotlib.get_backend()
 import numpy as np
-from vitcls import report
+from vitcls.run import report
 assert matplotlib.get_backend() == before, matplotlib.get_backend()
 workdir = {str(tmp_path)!r}
 with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vitcls.data import pipeline, preprocess, sources
+from vitcls.data import pipeline, sources
+from vitcls.data import pp as pp_lib
 from vitcls.errors import UserError
 
 
@@ -113,7 +114,7 @@ class _LabelledSource:
 
 
 def _balanced(global_batch=30, seed=0, labels=_IMBALANCED, pp="", **kw):
-  return pipeline.train_dataset(_LabelledSource(labels), preprocess.parse(pp),
+  return pipeline.train_dataset(_LabelledSource(labels), pp_lib.parse(pp),
                                 global_batch=global_batch, seed=seed,
                                 balanced_labels=labels, **kw)
 
@@ -192,14 +193,14 @@ def test_large_classes_use_the_index_shuffle_and_stay_without_replacement():
 ])
 def test_bad_balanced_labels_are_an_error(labels, message):
   with pytest.raises(ValueError, match=message):
-    pipeline.train_dataset(_LabelledSource([0, 1, 1, 2]), preprocess.parse(""),
+    pipeline.train_dataset(_LabelledSource([0, 1, 1, 2]), pp_lib.parse(""),
                            global_batch=2, seed=0, balanced_labels=labels)
 
 
 def test_without_balanced_labels_the_stream_is_unchanged():
   """The default path is the plain grain shuffle, built exactly as before this option."""
   source = sources.get_source("digits", "train")
-  pp = preprocess.parse("random_shift(1)|value_range(-1,1)|onehot(10)")
+  pp = pp_lib.parse("random_shift(1)|value_range(-1,1)|onehot(10)")
   for p in range(2):
     ds = pipeline.train_dataset(source, pp, global_batch=16, seed=3, start_step=5,
                                 process_index=p, process_count=2)

@@ -1,6 +1,6 @@
 """Tests for vitcls/serving.py: the SavedModel serves what vitcls computes on the host.
 
-The reference for every check is vitcls itself: the host pp (`preprocess.parse`) per
+The reference for every check is vitcls itself: the host pp (`pp_lib.parse`) per
 example, then `model.apply`. Where serving resizes, the same resize is done here with
 tf.image.resize before the host pipeline, since PIL and TF resize slightly differently.
 Each SavedModel is written once per module and loaded once.
@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 from vitcls import serving
-from vitcls.data import preprocess
+from vitcls.data import pp as pp_lib
 from vitcls.errors import UserError
 from vitcls.models import vit
 
@@ -41,7 +41,7 @@ def _images(n, size, channels=3, seed=0):
 
 def _host_probs(model, params, images, spec):
   """vitcls on the host: the pp spec per example, then softmax of the model's logits."""
-  pp = preprocess.parse(spec)
+  pp = pp_lib.parse(spec)
   batch = np.stack([pp({"image": img, "label": 0}, np.random.default_rng(0))["image"]
                     for img in images])
   logits, _ = model.apply({"params": params}, batch, train=False)
@@ -109,7 +109,7 @@ def test_gray_model_takes_rgb_with_equal_channels(gray):
 def test_gray_model_takes_another_size(gray):
   images = _images(2, 40, channels=1, seed=6)
   out = _serve(gray.loaded, np.repeat(images, 3, axis=-1))
-  pp = preprocess.parse(GRAY_SPEC)
+  pp = pp_lib.parse(GRAY_SPEC)
   host = np.stack([pp({"image": i, "label": 0}, np.random.default_rng(0))["image"]
                    for i in images])
   logits, _ = gray.model.apply({"params": gray.params}, _tf_resize(host, 28), train=False)

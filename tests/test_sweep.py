@@ -12,6 +12,12 @@ import time
 import pytest
 
 from vitcls import configs, sweep
+from vitcls.run import lock
+from vitcls.run import workdir as wdir
+from vitcls.sweep import __main__ as sweep_cli
+from vitcls.sweep import local as sweep_local
+from vitcls.sweep import members as sweep_members
+from vitcls.sweep import table as sweep_table
 from conftest import (DEFAULT_EXPERIMENT, REPO, read_metrics, write_sweep_experiment,
                       xla_flags)
 
@@ -24,7 +30,7 @@ def test_product_varies_the_first_key_slowest(tmp_path):
       {"model.depth": 2, "lr": 1}, {"model.depth": 2, "lr": 2, "wd": 0},
       {"model.depth": 4, "lr": 1}, {"model.depth": 4, "lr": 2, "wd": 0}]
   assert sweep.product() == [{}]
-  members, _ = sweep.load_members(_experiment(
+  members, _ = sweep_members.load_members(_experiment(
       tmp_path, "sweep.product(lr=__import__('numpy').logspace(-3, -2, 2))"))
   assert [(m.name, m.values) for m in members] == [("lr=0.001", {"lr": 0.001}),
                                                    ("lr=0.01", {"lr": 0.01})]
@@ -58,7 +64,7 @@ def test_member_names_are_readable_unique_and_filesystem_safe():
   members = [["lr=0.001", "wd=0.05"], ["model.variant=S/16"], ["input.pp=a b|c(1, 2)"],
              ["input.pp=a_b_c_1_2"], ["mesh=[('data', 2), ('fsdp', 4)]"], [],
              [f"input.pp={'x' * 200}"], [f"input.pp={'x' * 199}y"]]
-  names = sweep.member_names(members)
+  names = sweep_members.member_names(members)
   assert names[0] == "lr=0.001,wd=0.05"
   assert names[1] == "model.variant=S_16"
   assert names[5] == "default"
@@ -66,7 +72,7 @@ def test_member_names_are_readable_unique_and_filesystem_safe():
   for name in names:
     assert 0 < len(name) <= 80 and not name.startswith(".")
     assert all(c.isalnum() or c in "._=,+-" for c in name), name
-  assert sweep.member_names(members) == names  # Stable: a rerun finds its workdirs.
+  assert sweep_members.member_names(members) == names  # Stable: a rerun finds its workdirs.
 
 
 def _experiment(tmp_path, sweep_source):
@@ -89,20 +95,21 @@ def test_bad_sweeps_are_one_line_errors_before_anything_runs(tmp_path, source, e
                                                               message):
   spec = _experiment(tmp_path, source)
   with pytest.raises(error) as info:
-    sweep.load_members(spec)
+    sweep_members.load_members(spec)
   assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 def test_the_cli_prints_one_error_line_and_writes_nothing(tmp_path, capsys):
   spec = _experiment(tmp_path, "sweep.product(lr=[0.1, 0.2])")
   workdir = tmp_path / "sweep"
-  assert sweep.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
-                     "--config.wdd=1"]) == 2
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
+                         "--config.wdd=1"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["vitcls: error: unknown config key 'wdd' (did you mean 'wd'?): check the "
                  "spelling, or see vitcls.configs.defaults() for the known keys"]
   no_sweep = os.path.join(REPO, "experiments", "digits_vit.py")
-  assert sweep.main(["vitcls sweep", f"--config={no_sweep}", f"--workdir={workdir}"]) == 2
+  assert sweep_cli.main(["vitcls sweep", f"--config={no_sweep}",
+                         f"--workdir={workdir}"]) == 2
   assert "has no get_sweep(arg=None) function" in capsys.readouterr().err
   assert not workdir.exists()
 
@@ -110,7 +117,7 @@ def test_the_cli_prints_one_error_line_and_writes_nothing(tmp_path, capsys):
 def test_the_table_reads_members_workdirs(tmp_path):
   """sweep.csv / sweep.md / sweep.png from members' metrics, without training."""
   spec = _experiment(tmp_path, "sweep.product({'input.pp': ['a|b', 'c'], 'lr': [1e-4, 1e-2]})")
-  members, resolved = sweep.load_members(spec)
+  members, resolved = sweep_members.load_members(spec)
   workdir = str(tmp_path / "sweep")
   for i, m in enumerate(members[:3]):
     os.makedirs(os.path.join(workdir, m.name))
@@ -122,10 +129,10 @@ def test_the_table_reads_members_workdirs(tmp_path):
         f.write(json.dumps({"step": 10, "val/loss": 0.4, "val/top1": 0.5 + 0.1 * i}) + "\n")
       f.write('{"step": 11, "lo')  # A line cut by a kill is skipped.
     if i < 2:
-      sweep.write_atomic(os.path.join(workdir, m.name, sweep.MEMBER_FILE), json.dumps(
+      wdir.atomic_write(os.path.join(workdir, m.name, wdir.MEMBER_FILE), json.dumps(
           {"status": ["done", "failed"][i], "wall_time_s": 12.5, "attempts": 1}))
-  table = sweep.collect(workdir, members, [10] * 4, running=[members[2].name])
-  sweep.write_reports(workdir, table, spec, ["total_steps=10"])
+  table = sweep_table.collect(workdir, members, [10] * 4, running=[members[2].name])
+  sweep_table.write_reports(workdir, table, spec, ["total_steps=10"])
   with open(os.path.join(workdir, "sweep.csv")) as f:
     rows = list(csv.DictReader(f))
   assert [r["name"] for r in rows] == [m.name for m in members]
@@ -138,9 +145,9 @@ def test_the_table_reads_members_workdirs(tmp_path):
   assert "best: `input.pp=a_b,lr=0.01` with 0.6000" in markdown and "a\\|b" in markdown
   with open(os.path.join(workdir, "sweep.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  assert sweep.pick_metric([{"a/loss": 1, "b/map": 1}, {"c/top1": 1}], None) == "c/top1"
-  assert sweep.pick_metric([{"a/loss": 1, "b/map": 1}], None) == "b/map"
-  assert sweep.pick_metric([{"a/loss": 1}], "a/loss") == "a/loss"
+  assert sweep_table.pick_metric([{"a/loss": 1, "b/map": 1}, {"c/top1": 1}], None) == "c/top1"
+  assert sweep_table.pick_metric([{"a/loss": 1, "b/map": 1}], None) == "b/map"
+  assert sweep_table.pick_metric([{"a/loss": 1}], "a/loss") == "a/loss"
 
 
 def test_every_experiment_sweep_resolves():
@@ -149,9 +156,9 @@ def test_every_experiment_sweep_resolves():
   with_sweeps = [s for s in specs if "def get_sweep" in open(s).read()]
   assert DEFAULT_EXPERIMENT in with_sweeps
   for spec in with_sweeps:
-    members, _ = sweep.load_members(spec)
+    members, _ = sweep_members.load_members(spec)
     assert len({m.name for m in members}) == len(members) > 1, spec
-  members, _ = sweep.load_members(DEFAULT_EXPERIMENT)
+  members, _ = sweep_members.load_members(DEFAULT_EXPERIMENT)
   assert [m.values for m in members] == sweep.product(lr=[1e-3, 3e-3], wd=[0.05, 0.1])
 
 
@@ -179,9 +186,9 @@ def test_failed_members_exit_1_and_are_retried_by_the_next_run(tmp_path, capsys)
   open(os.path.join(workdir, "broken"), "w").close()
 
   def run():
-    members, resolved = sweep.load_members(spec, ["total_steps=1"])
-    runner = sweep.LocalRunner(spec, workdir, members, resolved, ["total_steps=1"],
-                               parallel=2)
+    members, resolved = sweep_members.load_members(spec, ["total_steps=1"])
+    runner = sweep_local.LocalRunner(spec, workdir, members, resolved, ["total_steps=1"],
+                                     parallel=2)
     runner.trainer = [sys.executable, str(trainer)]
     return runner.run()
 
@@ -209,6 +216,19 @@ def test_failed_members_exit_1_and_are_retried_by_the_next_run(tmp_path, capsys)
     rows = list(csv.DictReader(f))
   assert [(r["status"], r["val/top1"]) for r in rows] == [
       ("done", "0.1"), ("done", "0.2"), ("done", "0.3")]
+
+
+def test_a_second_sweep_runner_in_the_same_folder_stops_at_once(tmp_path):
+  spec = _experiment(tmp_path, "sweep.product(lr=[0.1, 0.2])")
+  workdir = str(tmp_path / "sweep")
+  os.makedirs(workdir)
+  members, resolved = sweep_members.load_members(spec)
+  with sweep_local.sweep_lock(workdir):  # The first runner, alive: this process.
+    runner = sweep_local.LocalRunner(spec, workdir, members, resolved, [])
+    with pytest.raises(lock.WorkdirLockedError) as info:
+      runner.run()
+  assert "in use by another sweep" in str(info.value) and "\n" not in str(info.value)
+  assert sorted(os.listdir(workdir)) == []  # Nothing started, the lock released.
 
 
 def test_console_script_runs_sweep_and_launch(tmp_path):
@@ -243,7 +263,7 @@ def _three_member_experiment(tmp_path):
 
 def _member(workdir, name):
   try:
-    with open(os.path.join(workdir, name, sweep.MEMBER_FILE)) as f:
+    with open(os.path.join(workdir, name, wdir.MEMBER_FILE)) as f:
       return json.load(f)
   except (OSError, ValueError):
     return {}

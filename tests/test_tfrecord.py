@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -73,7 +74,7 @@ class TwoSizes(tfds.core.GeneratorBasedBuilder):
   """A dataset with configs, so that its files lie in ROOT/two_sizes/CONFIG/VERSION."""
 
   VERSION = tfds.core.Version("2.1.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="small"),
+  BUILDER_CONFIGS: ClassVar[list] = [tfds.core.BuilderConfig(name="small"),
                      tfds.core.BuilderConfig(name="big")]
 
   def _info(self):

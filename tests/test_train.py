@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from vitcls import checkpoint
+from vitcls.run import checkpoint
 from conftest import (DEFAULT_EXPERIMENT, REPO, losses, read_metrics, run_train, train_command,
                       xla_flags)
 
@@ -97,7 +97,7 @@ def test_a_user_mistake_is_one_clear_error_line_from_the_cli(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.variant=X/16", "unknown ViT variant 'X/16'"),
     ("input.pp=random_shift(2)|sharpen(3)", "unknown pp op 'sharpen'"),
-    ("input.data.name=imagenet_v9", "dataset 'imagenet_v9' is unknown to TFDS"),
+    ("input.data.name=imagenet_v9", "dataset 'imagenet_v9' is not prepared in"),
 ])
 def test_user_mistakes_are_one_line_user_errors(tmp_path, override, message):
   """In-process (the CLI prints any UserError as one line, tested above)."""
@@ -200,7 +200,8 @@ def test_each_eval_runs_on_its_own_schedule(tmp_path):
 def test_recipe_fields_reach_the_run_and_bad_values_are_one_line_errors(tmp_path):
   """class_weights='balanced' from the split's counts; sigmoid loss, balanced sampling,
   EMA and accumulation train end to end; impossible values are caught before building."""
-  from vitcls import build, configs, train
+  from vitcls import configs, train, validate
+  from vitcls.run import build
   from vitcls.data import sources
   digits = os.path.join(REPO, "experiments", "digits_vit.py:runlocal=True")
   config = configs.resolve(configs.load_experiment(digits), [
@@ -208,20 +209,20 @@ def test_recipe_fields_reach_the_run_and_bad_values_are_one_line_errors(tmp_path
       "ema_decay=0.9", "grad_accum_steps=2", "mixup.p=0.2"])
   counts = np.bincount(np.array([e["label"] for e in sources.get_source("digits", "train")]))
   expected = counts.sum() / (10 * counts)
-  options = build.step_options(config, num_devices=1)
+  options = build.step_options(config)
   np.testing.assert_allclose(options.class_weights, expected, rtol=1e-6)
   assert options.loss == "sigmoid_xent" and options.grad_accum_steps == 2
   final = train.train(config, str(tmp_path))
   assert {"test/top1", "test_ema/top1"} <= set(final)
   for override, message in [
-      ("grad_accum_steps=3", "grad_accum_steps 3 must be a positive integer dividing"),
+      ("grad_accum_steps=3", "grad_accum_steps 3 must divide the per-device batch"),
       ("ema_decay=1.0", "ema_decay must be in [0, 1)"),
       ("mixup.alpha=-1.0", "mixup"),
       ("loss=hinge", "hinge"),
       ("class_weights=[1.0, 2.0]", "class_weights")]:
     bad = configs.resolve(configs.load_experiment(digits), [override])
     with pytest.raises(configs.ConfigError) as info:
-      build.step_options(bad, num_devices=1)
+      validate.check(bad, num_devices=1)
     assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 

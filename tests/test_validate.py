@@ -4,9 +4,10 @@ import dataclasses
 import glob
 import os
 
+import jax
 import pytest
 
-from vitcls import configs, losses, models, optim, validate
+from vitcls import configs, losses, models, optim, sharding, validate
 from conftest import REPO
 
 
@@ -56,6 +57,11 @@ def test_types_are_checked_against_the_defaults():
 
 @pytest.mark.parametrize("overrides, fragment", [
     (["mesh=[('data', 3)]"], "config.mesh [('data', 3)] does not divide the 8 devices"),
+    (["mesh=[('data', 4)]"], "config.mesh [('data', 4)] needs 4 devices but 8 are present"),
+    (["schedule.warmup_steps=7"], "warmup (7 steps) is longer than the run (6 steps)"),
+    (["total_steps=None", "total_examples=64", "schedule.warmup_steps=5"],
+     "warmup (5 steps) is longer than the run (4 steps)"),
+    (["mixup.alpha=inf"], "config.mixup.alpha must be a finite number >= 0"),
     (["mesh=[('data', -1), ('fsdp', -1)]"], "at most one axis may have size -1"),
     (["grad_accum_steps=4"], "grad_accum_steps 4 must divide the per-device batch (2 on"),
     (["sharding_rules=[('.*', 'shard')]"], "(regex, replicate | fsdp)"),
@@ -78,15 +84,43 @@ def test_processes_must_divide_the_batch():
 
 
 def test_names_known_to_the_check_are_those_the_code_accepts():
-  assert set(validate.LOSSES) == set(losses._LOSSES)  # pylint: disable=protected-access
-  assert set(validate.OPTIMIZERS) == set(optim._OPTIMIZERS)  # pylint: disable=protected-access
-  for decay in validate.DECAY_TYPES:
+  # pylint: disable=protected-access
+  assert set(configs.LOSSES) == set(losses._LOSSES)
+  assert set(configs.OPTIMIZERS) == set(optim._OPTIMIZERS)
+  assert set(configs.WD_MODES) == set(optim._WD_MODES)
+  assert set(configs.SHARDING_KINDS) == set(sharding._KINDS)
+  for decay in configs.DECAY_TYPES:
     overrides = {"schedule.decay_type": decay, "schedule.boundaries": [0.5]}
     config = _resolve(*(f"{k}={v}" for k, v in overrides.items()))
     optim.make_schedule(config, 10)
   for name in models.available():
     fields = {f.name for f in dataclasses.fields(models.get(name))}
-    assert validate.model_fields(name) == fields - {"num_classes", "parent", "name"}
+    assert models.fields(name) == fields - {"num_classes", "parent", "name"}
+
+
+def test_what_only_build_knows_is_checked_here_too():
+  """The run's length from total_epochs, the optax keys, the labels' counts, the mesh."""
+  config = _resolve("total_steps=None", "total_epochs=1.0", "schedule.warmup_steps=50",
+                    "schedule.decay_type=stair", "schedule.boundaries=[0.5]",
+                    "optax.beta1=0.9")
+  assert validate.problems(config, num_devices=8) == []
+  adamw = optim.optimizer_arguments("adamw")
+  with pytest.raises(configs.ConfigError, match=r"^2 problems in the config:\n  ") as e:
+    validate.check_built(config, total_steps=40, optax_arguments=adamw)
+  assert "warmup (50 steps) is longer than the run (40 steps)" in str(e.value)
+  assert "unknown config key 'optax.beta1' for adamw: known ones are b1, b2," in str(e.value)
+  with pytest.raises(configs.ConfigError, match=r"^config.schedule.boundaries: the first "
+                     r"boundary \(step 49\) falls inside the warmup \(50 steps\)$"):
+    validate.check_built(config, total_steps=98, optax_arguments=adamw | {"beta1"})
+  validate.check_built(config, total_steps=100, optax_arguments=adamw | {"beta1"})
+  validate.check_class_counts([3, 1], 2)
+  with pytest.raises(configs.ConfigError, match=r"^config.class_weights 'balanced': class 1 "
+                     r"has no examples"):
+    validate.check_class_counts([3, 0], 2)
+  validate.check_mesh([("data", 2), ("fsdp", -1)], 8)
+  with pytest.raises(configs.ConfigError, match=r"^config.mesh \[\('data', 2\)\] does not "
+                     r"divide the 1 devices$"):
+    sharding.make_mesh([("data", 2)], jax.devices()[:1])
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))),

@@ -12,7 +12,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer import event_file_writer
 
-from vitcls import configs, train, writers
+from vitcls import configs, train
+from vitcls.run import workdir as wdir, writers
 from conftest import DEFAULT_EXPERIMENT, read_metrics
 
 
@@ -68,7 +69,7 @@ def test_after_a_resume_tensorboard_and_jsonl_hold_each_step_once(straight, tmp_
   assert {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r} == \
       straight_losses  # Bitwise-exact resume: the same curve.
 
-  aside = os.path.join(workdir, writers.SUPERSEDED_DIR, "after_step_3")
+  aside = os.path.join(workdir, wdir.SUPERSEDED_DIR, "after_step_3")
   with open(os.path.join(aside, "metrics.jsonl")) as f:
     dropped = f.read().splitlines()
   assert dropped[-1] == '{"step": 7, "lo'  # The torn line is kept, aside.
@@ -93,14 +94,14 @@ def test_event_files_are_cut_at_the_resume_step_and_kept_whole_when_nothing_is_p
   aside = writers._Superseded(workdir, 5)  # pylint: disable=protected-access
   assert writers.truncate_event_files(workdir, 5, aside) == 0
   assert os.stat(path).st_mtime_ns == untouched.st_mtime_ns
-  assert not os.path.exists(os.path.join(workdir, writers.SUPERSEDED_DIR))
+  assert not os.path.exists(os.path.join(workdir, wdir.SUPERSEDED_DIR))
 
   assert writers.truncate_event_files(workdir, 2, writers._Superseded(workdir, 2)) == 3
   acc = event_accumulator.EventAccumulator(workdir)
   acc.Reload()
   assert [e.step for e in acc.Scalars("loss")] == [1, 2]
   assert sorted(os.listdir(workdir)) == sorted([os.path.basename(path),
-                                                writers.SUPERSEDED_DIR])
+                                                wdir.SUPERSEDED_DIR])
 
 
 def test_a_fresh_start_in_a_workdir_with_old_metrics_sets_them_all_aside(tmp_path):
@@ -113,7 +114,7 @@ def test_a_fresh_start_in_a_workdir_with_old_metrics_sets_them_all_aside(tmp_pat
   writer.write_scalars(1, {"loss": 3.0})
   writer.close()
   assert read_metrics(workdir) == [{"step": 1, "loss": 3.0}]
-  with open(os.path.join(workdir, writers.SUPERSEDED_DIR, "after_step_0",
+  with open(os.path.join(workdir, wdir.SUPERSEDED_DIR, "after_step_0",
                          "metrics.jsonl")) as f:
     assert len(f.read().splitlines()) == 2
   acc = event_accumulator.EventAccumulator(workdir, size_guidance={"tensors": 0})

@@ -7,7 +7,7 @@ import sys
 
 _COMMANDS = {"train": "vitcls.train", "evaluate": "vitcls.evaluate",
              "predict": "vitcls.predict", "export": "vitcls.export",
-             "sweep": "vitcls.sweep", "launch": "vitcls.launch"}
+             "sweep": "vitcls.sweep.__main__", "launch": "vitcls.launch"}
 
 
 def main(argv: list[str] | None = None) -> None:

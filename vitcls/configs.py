@@ -23,11 +23,20 @@ import ml_collections
 from ml_collections import config_dict
 
 from vitcls.errors import UserError, shown
+from vitcls.run import workdir as wdir
 
 ConfigDict = ml_collections.ConfigDict
 
 # Subtrees whose keys are validated by the component that consumes them.
 FREE_FORM = ("model", "optax", "evals", "expected")
+
+# The names a config may choose from: `vitcls.validate` checks against these before JAX
+# loads, and the code that implements them (optim, losses, sharding) is keyed by them.
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+DECAY_TYPES = ("cosine", "linear", "rsqrt", "stair", "constant")
+WD_MODES = ("times_lr", "times_schedule", "l2")
+LOSSES = ("softmax_xent", "sigmoid_xent")
+SHARDING_KINDS = ("replicate", "fsdp")
 
 
 class ConfigError(UserError):
@@ -221,27 +230,6 @@ def _apply(config: ConfigDict, item: str) -> None:
     raise ConfigError(f"override {shown(item)}: {shown(e)}") from None
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """Separates `--config.KEY=VALUE` arguments (returned as `KEY=VALUE`) from the rest."""
-  overrides, rest = [], []
-  for arg in argv:
-    if arg.startswith("--config."):
-      overrides.append(arg[len("--config."):])
-    else:
-      rest.append(arg)
-  return overrides, rest
-
-
-def flags_parser(overrides: list[str]):
-  """An absl `flags_parser` that moves `--config.KEY=VALUE` arguments into `overrides`."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  def parse(argv):
-    overrides[:], rest = split_overrides(argv)
-    return flags.FLAGS(rest)
-  return parse
-
-
 def _suggest(key: str, known, prefix: str = "") -> str:
   close = difflib.get_close_matches(key, list(known), n=1)
   return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
@@ -397,12 +385,18 @@ def total_steps(config: ConfigDict, num_train_examples: int) -> int:
   return int(steps)
 
 
+def warmup_steps(config: ConfigDict, total_steps: int) -> int:
+  """Warmup length in steps: `schedule.warmup_steps`, else `warmup_percent` of the run."""
+  s = config.schedule
+  return int(s.warmup_steps or round(s.warmup_percent * total_steps))
+
+
 def load_workdir_config(workdir: str, overrides: Sequence[str] = ()) -> ConfigDict:
   """The resolved config a run saved in `workdir/config.json`, with `KEY=VALUE` overrides."""
-  path = os.path.join(workdir, "config.json")
+  path = wdir.config_path(workdir)
   if not os.path.isfile(path):
-    raise ConfigError(f"{shown(workdir)} is not a vitcls workdir (no config.json): pass the "
-                      f"--workdir of a training run")
+    raise ConfigError(f"{shown(workdir)} is not a vitcls workdir (no {wdir.CONFIG_FILE}): "
+                      f"pass the --workdir of a training run")
   with open(path) as f:
     return resolve(ConfigDict(json.load(f)), overrides)
 

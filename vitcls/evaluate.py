@@ -15,52 +15,40 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging
+from absl import app, logging
 import jax
 
-from vitcls import checkpoint, configs, evaluators, models, report, sharding
+from vitcls import configs, flags, models, sharding, validate
+from vitcls.run import checkpoint, evaluation, report
+from vitcls.run import workdir as wdir
 from vitcls.errors import UserError
 
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
 
 
-def _define_flags() -> None:
-  """Defined when the CLI starts, not on import: `vitcls.train` defines --workdir too."""
-  if "workdir" not in FLAGS:
-    flags.DEFINE_string("workdir", None, "A vitcls workdir with checkpoints.")
-  if "step" not in FLAGS:
-    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+def _define_flags() -> list[str]:
+  """This CLI's flags (defined when it starts); their names."""
+  return flags.define_checkpoint()
 
 
 def evaluate(workdir: str, step: int | None = None, overrides=()) -> dict[str, float]:
   """Runs every evaluator of the (overridden) config on a checkpoint; writes the report."""
   config = configs.load_workdir_config(workdir, overrides)
+  validate.check(config, training=False)  # The mesh against the devices: make_mesh.
   if not config.evals:
     raise configs.ConfigError("no evaluators: the run's config.evals is empty; add one, "
                               "e.g. --config.evals.test.type=classification")
-  eval_configs = {n: evaluators.resolve(n, c) for n, c in config.evals.items()}
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   model = models.build(config.model_name, config.num_classes, config.model)
   step, params, ema = checkpoint.load_weights(workdir, step)
-  weights = {"": params}
-  if ema is not None:
-    weights["_ema"] = ema
-  results = {}
-  for name, cfg in eval_configs.items():
-    evaluator = evaluators.get(cfg.type).Evaluator(
-        cfg, model=model, train_config=config, mesh=mesh, batch_sharding=batch_sharding)
-    for suffix, params in weights.items():
-      for key, value in evaluator.run(params).items():
-        results[f"{name}{suffix}/{key}"] = float(value)
-      if jax.process_index() == 0:
-        report.save_artifacts(workdir, name + suffix, evaluator.artifacts)
+  evals = evaluation.Evaluations(config, workdir, model=model, mesh=mesh,
+                                 batch_sharding=batch_sharding)
+  results = {k: float(v) for k, v in evals.run(params, ema).items()}
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "report", report.EVALUATE_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({"step": step, "metrics": results}, f, indent=2, sort_keys=True)
+    wdir.atomic_write(wdir.evaluate_path(workdir), json.dumps(
+        {"step": step, "metrics": results}, indent=2, sort_keys=True))
     logging.info("Report: %s", report.write(workdir, config))
   return results
 
@@ -80,8 +68,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point shared by `python -m vitcls.evaluate` and `vitcls evaluate`."""
-  _define_flags()
-  app.run(main, flags_parser=configs.flags_parser(_OVERRIDES))
+  app.run(main, flags_parser=flags.parser(_OVERRIDES, _define_flags()))
 
 
 if __name__ == "__main__":

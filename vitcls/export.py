@@ -14,23 +14,24 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging
-import numpy as np
+from absl import app, logging
 
-from vitcls import checkpoint, configs, inspection
+from vitcls import flags, inspection
+from vitcls.run import checkpoint
 from vitcls.errors import UserError
 from vitcls.models import loading
 
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-  """Defined when the CLI starts, not on import: `vitcls.train` defines --workdir too."""
-  if "workdir" not in FLAGS:
-    flags.DEFINE_string("workdir", None, "A vitcls workdir with checkpoints.")
-  flags.DEFINE_string("output", None, "FILE.npz, or a directory for savedmodel.")
-  flags.DEFINE_enum("format", "npz", ["npz", "savedmodel"], "What to write.")
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+def _define_flags() -> list[str]:
+  """This CLI's flags (defined when it starts); their names."""
+  return [
+      *flags.define_checkpoint(),
+      flags.define("string", "output", None, "FILE.npz, or a directory for savedmodel."),
+      flags.define("enum", "format", "npz", "What to write.",
+                   enum_values=["npz", "savedmodel"]),
+  ]
 
 
 def export_npz(workdir: str, output: str, step: int | None = None) -> str:
@@ -40,31 +41,11 @@ def export_npz(workdir: str, output: str, step: int | None = None) -> str:
   return output
 
 
-def serving_inputs(config):
-  """(eval pp spec, model input shape HWC, label names or None) for a serving export.
-
-  The pp is the first evaluator's (what the reported numbers were measured with); the
-  input shape is what that pp makes of one example of the eval split.
-  """
-  from vitcls import evaluators  # pylint: disable=g-import-not-at-top
-  from vitcls.data import preprocess, sources  # pylint: disable=g-import-not-at-top
-  if not config.evals:
-    raise configs.ConfigError("the run has no config.evals: the serving export takes its "
-                              "preprocessing from the first evaluator's pp")
-  name, raw = next(iter(config.evals.items()))
-  eval_config = evaluators.resolve(name, raw)
-  name, data_dir = eval_config.data or config.input.data.name, config.input.data_dir or None
-  source = sources.get_source(name, eval_config.split, data_dir)
-  example = preprocess.parse(eval_config.pp)(source[0], np.random.default_rng(0))
-  names = sources.label_names(name, eval_config.split, data_dir)
-  return eval_config.pp, tuple(np.shape(example["image"])), names
-
-
 def export_savedmodel(workdir: str, output: str, step: int | None = None) -> str:
   """Writes a TF SavedModel of `workdir`'s checkpoint: uint8 RGB in, probabilities out."""
   from vitcls import serving  # pylint: disable=g-import-not-at-top
   config, model, params = inspection.load_run(workdir, step)
-  pp_spec, image_shape, label_names = serving_inputs(config)
+  pp_spec, image_shape, label_names = inspection.serving_inputs(config)
   return serving.export_savedmodel(output, model=model, params=params, pp_spec=pp_spec,
                                    image_shape=image_shape, label_names=label_names)
 
@@ -88,8 +69,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point shared by `python -m vitcls.export` and `vitcls export`."""
-  _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flags.parser(None, _define_flags()))
 
 
 if __name__ == "__main__":

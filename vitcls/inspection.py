@@ -25,8 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitcls import checkpoint, configs, evaluators, models
-from vitcls.data import preprocess, sources
+from vitcls import configs, evaluators, metrics, models, sharding
+from vitcls.run import checkpoint, report
+from vitcls.run import workdir as wdir
+from vitcls.data import pp as pp_lib
+from vitcls.data import sources
 
 _INTERMEDIATES = "intermediates"
 _WEIGHTS = "attention_weights"
@@ -63,6 +66,40 @@ def load_run(workdir: str, step: int | None = None, ema: bool = False) -> Loaded
   return LoadedRun(config, model, params)
 
 
+def serving_inputs(config):
+  """(eval pp spec, model input shape HWC, label names or None) for serving the run.
+
+  The pp is the first evaluator's (what the reported numbers were measured with); the
+  input shape is what that pp makes of one example of the eval split. Used by the
+  SavedModel export and by `vitcls.predict`.
+  """
+  if not config.evals:
+    raise configs.ConfigError("the run has no config.evals: the serving export takes its "
+                              "preprocessing from the first evaluator's pp")
+  name, raw = next(iter(config.evals.items()))
+  eval_config = evaluators.resolve(name, raw)
+  name, data_dir = eval_config.data or config.input.data.name, config.input.data_dir or None
+  source = sources.get_source(name, eval_config.split, data_dir)
+  example = pp_lib.parse(eval_config.pp)(source[0], np.random.default_rng(0))
+  names = sources.label_names(name, eval_config.split, data_dir)
+  return eval_config.pp, tuple(np.shape(example["image"])), names
+
+
+def ood_threshold(workdir: str, config, model, params, mesh) -> float:
+  """The run's chosen MSP-score threshold; computed on the first eval split if none."""
+  finals = report.final_metrics(workdir, wdir.read_metrics(workdir))
+  chosen = [v for k, (_, v) in sorted(finals.items()) if k.endswith("/msp/threshold")]
+  if chosen:
+    return float(chosen[0])
+  from vitcls import inference  # pylint: disable=g-import-not-at-top
+  name, raw = next(iter(config.evals.items()))
+  cfg = evaluators.resolve(name, raw)
+  split = inference.factory(cfg, model=model, train_config=config, mesh=mesh,
+                            batch_sharding=sharding.batch_sharding(mesh))(cfg.split)
+  scores = metrics.msp_score(split.run(params)["logits"])
+  return float(metrics.threshold_at_tpr(scores, 0.95))
+
+
 def eval_examples(config, count: int | None = None, eval_name: str | None = None,
                   split: str | None = None) -> Examples:
   """The first `count` examples (all by default) of an evaluator's split, preprocessed.
@@ -84,7 +121,7 @@ def eval_examples(config, count: int | None = None, eval_name: str | None = None
   split = split or cfg.split
   data_dir = config.input.data_dir or None
   source = sources.get_source(data, split, data_dir)
-  pp = preprocess.parse(cfg.pp)
+  pp = pp_lib.parse(cfg.pp)
   n = len(source) if count is None else min(count, len(source))
   images, labels = [], []
   for i in range(n):

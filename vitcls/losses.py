@@ -8,19 +8,17 @@ the mean over the batch. Labels may be one-hot, soft (mixup) or multi-hot.
 Label smoothing is y * (1 - ls) + ls / K for both losses: for softmax it is the
 usual one; for sigmoid it equals timm's BinaryCrossEntropy (off = ls / K,
 on = 1 - ls + ls / K). Class weights w [K] multiply each class's term.
+
+Names (`configs.LOSSES`) and class weights are checked by `vitcls.validate`, the label
+counts of "balanced" weights by `validate.check_class_counts`; not again here.
 """
 
 from __future__ import annotations
-
-import math
-from numbers import Real
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from vitcls.configs import ConfigError
 
 
 def _smooth(labels, label_smoothing: float):
@@ -53,6 +51,7 @@ def sigmoid_xent(logits, labels, *, label_smoothing=0.0, class_weights=None):
   return jnp.sum(nll, axis=-1)
 
 
+# configs.LOSSES: the loss of each name.
 _LOSSES = {
     "softmax_xent": softmax_xent,
     "sigmoid_xent": sigmoid_xent,
@@ -61,27 +60,17 @@ _LOSSES = {
 
 def get(name: str):
   """The loss function called `name`."""
-  try:
-    return _LOSSES[name]
-  except (KeyError, TypeError):
-    raise ConfigError(f"unknown loss '{name}': use one of "
-                      f"{', '.join(_LOSSES)}") from None
+  return _LOSSES[name]
 
 
 def balanced_class_weights(counts) -> np.ndarray:
   """n / (k * n_c) per class: every class then weighs n / k in total (sum_c n_c w_c = n)."""
   counts = np.asarray(counts, np.float64)
-  if counts.ndim != 1 or counts.size == 0:
-    raise ConfigError(f"class counts must be a non-empty list, not shape {counts.shape}")
-  empty = np.flatnonzero(counts <= 0)
-  if empty.size:
-    raise ConfigError(f"class {int(empty[0])} has no examples ({counts.size} classes, "
-                      f"{empty.size} empty): balanced class weights are undefined")
   return (counts.sum() / (counts.size * counts)).astype(np.float32)
 
 
-def resolve_class_weights(spec, counts_fn, num_classes: int):
-  """None, a float32 [num_classes] array of weights, from the config's `spec`.
+def resolve_class_weights(spec, counts_fn):
+  """None, or a float32 [num_classes] array of weights, from the config's `spec`.
 
   spec: None; "balanced" (calls `counts_fn()` for the per-class label counts, and
   only then: it may scan the dataset); or a list/tuple of num_classes numbers.
@@ -89,22 +78,5 @@ def resolve_class_weights(spec, counts_fn, num_classes: int):
   if spec is None:
     return None
   if isinstance(spec, str):
-    if spec != "balanced":
-      raise ConfigError(f"class_weights '{spec}' is unknown: use 'balanced', a list of "
-                        f"{num_classes} numbers, or None")
-    weights = balanced_class_weights(counts_fn())
-    if weights.size != num_classes:
-      raise ConfigError(f"class counts have {weights.size} classes but num_classes is "
-                        f"{num_classes}")
-    return weights
-  if isinstance(spec, (list, tuple)):
-    ok = all(isinstance(w, Real) and not isinstance(w, bool) and math.isfinite(w)
-             and w >= 0 for w in spec)
-    if not ok:
-      raise ConfigError(f"class_weights {list(spec)} must all be finite numbers >= 0")
-    if len(spec) != num_classes:
-      raise ConfigError(f"class_weights has {len(spec)} entries but num_classes is "
-                        f"{num_classes}")
-    return np.asarray(spec, np.float32)
-  raise ConfigError(f"class_weights must be None, 'balanced' or a list of {num_classes} "
-                    f"numbers, not {spec!r}")
+    return balanced_class_weights(counts_fn())
+  return np.asarray(spec, np.float32)

@@ -19,17 +19,15 @@ Conventions (facts from the papers and the two reference codebases, own code):
     cy -/+ cut_h // 2, one pixel less for odd sizes).
   * Both on: the whole batch is CutMix with probability `switch_prob`, else Mixup
     (timm's per-batch switch). timm's `mix_prob` and per-example modes are not here.
+
+The settings come from a config checked by `vitcls.validate` (finite, >= 0, not both
+mixup forms, switch_prob in [0, 1]); they are not checked again here.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import jax
 import jax.numpy as jnp
-
-from vitcls.configs import ConfigError
 
 
 def _partner(x):
@@ -88,33 +86,15 @@ def cutmix_with(images, labels, box):
   return images, _blend(labels, _partner(labels), cutmix_lam(box, height, width))
 
 
-def validate(mixup_alpha=0.0, mixup_p=0.0, cutmix_alpha=0.0, switch_prob=0.5):
-  """Raises ConfigError (one line) for a setting `mix` would misread."""
-  values = {"mixup_alpha": mixup_alpha, "mixup_p": mixup_p,
-            "cutmix_alpha": cutmix_alpha, "switch_prob": switch_prob}
-  for name, value in values.items():
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-      raise ConfigError(f"{name} must be a finite number, not {value!r}")
-    if value < 0:
-      raise ConfigError(f"{name} must be >= 0 (0 disables it), not {value}")
-  if mixup_alpha > 0 and mixup_p > 0:
-    raise ConfigError(f"set only one of mixup_alpha ({mixup_alpha}, timm: Beta(a, a)) "
-                      f"and mixup_p ({mixup_p}, big_vision: Beta(p, p) folded to >= 0.5)")
-  if switch_prob > 1:
-    raise ConfigError(f"switch_prob is the probability of CutMix when both are on: "
-                      f"it must lie in [0, 1], not {switch_prob}")
-
-
 def mix(rng, images, labels, *, mixup_alpha=0.0, mixup_p=0.0, cutmix_alpha=0.0,
         switch_prob=0.5):
   """(images, labels, info): the batch mixed as configured; info = scalars for metrics.
 
-  Config values are static Python floats (checked with `validate`); `rng` may be
+  Config values are static Python floats (checked by `vitcls.validate`); `rng` may be
   traced. All off returns the inputs themselves and an empty info. info: `mix_lam`
   (own weight actually used, the pasted-area one for CutMix) and `mix_cutmix` (1.0
   if CutMix, else 0.0).
   """
-  validate(mixup_alpha, mixup_p, cutmix_alpha, switch_prob)
   mixup_alpha, fold = (mixup_p, True) if mixup_p > 0 else (mixup_alpha, False)
   alphas = [a for a in (mixup_alpha, cutmix_alpha) if a > 0]
   if not alphas:

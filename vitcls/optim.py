@@ -10,6 +10,10 @@ norms and embeddings are not decayed), in one of three forms (`wd_mode`): "times
 (wd * p added to the gradient before the optimiser: the ResNet / BiT papers' SGD). Parameter groups by regex on the `/`-joined path: `lr_mults`
 (`[(regex, multiplier)]`, first match wins) scales updates; `frozen` (regexes) leaves
 parameters bit for bit unchanged and gives them no optimiser state.
+
+The config was checked by `vitcls.validate` (names from `configs.OPTIMIZERS`,
+`DECAY_TYPES` and `WD_MODES`, regexes, the warmup and stair boundaries against the run's
+length, the optax keys against `optimizer_arguments`); nothing here checks it again.
 """
 
 from __future__ import annotations
@@ -21,24 +25,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vitcls import treeutil
-from vitcls.configs import ConfigError
-from vitcls.validate import WD_MODES
-
-
-def warmup_steps(config, total_steps: int) -> int:
-  """Warmup length in steps: `schedule.warmup_steps`, else `warmup_percent` of the run."""
-  s = config.schedule
-  return int(s.warmup_steps or round(s.warmup_percent * total_steps))
+from vitcls import configs, treeutil
 
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
   """lr(step): linear warmup to `config.lr`, then the configured decay to the end."""
   s, lr = config.schedule, config.lr
-  warmup = warmup_steps(config, total_steps)
-  if warmup > total_steps:
-    raise ConfigError(f"schedule warmup ({warmup} steps) is longer than the run "
-                      f"({total_steps} steps)")
+  warmup = configs.warmup_steps(config, total_steps)
   decay_steps = max(total_steps - warmup, 1)
   end = lr * s.end_factor
   decays = {
@@ -48,9 +41,6 @@ def make_schedule(config, total_steps: int) -> optax.Schedule:
       "constant": lambda: optax.constant_schedule(lr),
       "stair": lambda: _stair(lr, s, total_steps, warmup),
   }
-  if s.decay_type not in decays:
-    raise ConfigError(f"unknown schedule.decay_type '{s.decay_type}': use one of "
-                      f"{', '.join(decays)}")
   decay = decays[s.decay_type]()
   if warmup == 0:
     return decay
@@ -64,16 +54,7 @@ def _stair(lr: float, s, total_steps: int, warmup: int) -> optax.Schedule:
   the lr by 10 at epochs 30, 60 and 80 of 90, counted from the first step (warmup
   included); the returned schedule is read from the end of the warmup.
   """
-  fractions = [float(b) for b in s.boundaries]
-  if not fractions or fractions != sorted(fractions) or not all(
-      0 < b <= 1 for b in fractions):
-    raise ConfigError(f"schedule.decay_type 'stair' needs schedule.boundaries: increasing "
-                      f"fractions of the run in (0, 1], e.g. [1/3, 2/3, 8/9]; got "
-                      f"{list(s.boundaries)}")
-  steps = [round(b * total_steps) - warmup for b in fractions]
-  if steps[0] < 0:
-    raise ConfigError(f"schedule.boundaries: the first boundary (step {steps[0] + warmup}) "
-                      f"falls inside the warmup ({warmup} steps)")
+  steps = [round(float(b) * total_steps) - warmup for b in s.boundaries]
   scales = {}
   for step in steps:  # Boundaries on the same step multiply.
     scales[step] = scales.get(step, 1.0) * s.stair_factor
@@ -121,38 +102,45 @@ def _adafactor(learning_rate, weight_decay, mask, **kw):
                          weight_decay_mask=mask, **kw)
 
 
+# configs.OPTIMIZERS: (builder, the function whose signature lists the optax keys).
 _OPTIMIZERS = {"adamw": (_adamw, optax.adamw), "sgd": (_sgd, _sgd),
                "adafactor": (_adafactor, optax.adafactor)}
 _RESERVED = {"learning_rate", "weight_decay", "mask", "weight_decay_rate",
              "weight_decay_mask"}
 
 
+def optimizer_arguments(name: str) -> set[str]:
+  """The `config.optax` keys optimiser `name` takes (for `validate.check_built`)."""
+  return set(inspect.signature(_OPTIMIZERS[name][1]).parameters) - _RESERVED
+
+
+def _times_lr(build, schedule, config, mask, kwargs):
+  return build(schedule, config.wd, mask, **kwargs)
+
+
+def _times_schedule(build, schedule, config, mask, kwargs):
+  base = config.lr or 1.0
+  return optax.chain(build(schedule, 0.0, mask, **kwargs),
+                     decay_by_schedule(config.wd, lambda t: schedule(t) / base, mask))
+
+
+def _l2(build, schedule, config, mask, kwargs):
+  """wd * p joins the gradient, before momentum / Adam's moments."""
+  return optax.chain(optax.add_decayed_weights(config.wd, mask),
+                     build(schedule, 0.0, mask, **kwargs))
+
+
+# configs.WD_MODES: (builder, schedule, config, mask, optax kwargs) -> transformation.
+_WD_MODES = {"times_lr": _times_lr, "times_schedule": _times_schedule, "l2": _l2}
+
+
 def make_optimizer(config, total_steps: int):
   """Returns (optax transformation, lr schedule) for `config`."""
-  name = config.optax_name
-  if name not in _OPTIMIZERS:
-    raise ConfigError(f"unknown optax_name '{name}': use one of {', '.join(_OPTIMIZERS)}")
-  build, signature_of = _OPTIMIZERS[name]
-  kwargs = dict(config.optax)
-  allowed = set(inspect.signature(signature_of).parameters) - _RESERVED
-  for key in kwargs:
-    if key not in allowed:
-      raise ConfigError(f"unknown config key 'optax.{key}' for {name}: known ones are "
-                        f"{', '.join(sorted(allowed))}")
+  build = _OPTIMIZERS[config.optax_name][0]
   schedule = make_schedule(config, total_steps)
   mask = lambda params: treeutil.regex_mask(params, config.wd_mask)
-  mode = config.wd_mode
-  if mode not in WD_MODES:
-    raise ConfigError(f"unknown wd_mode '{mode}': use one of {', '.join(WD_MODES)}")
-  if mode == "times_lr" or not config.wd:
-    tx = build(schedule, config.wd, mask, **kwargs)
-  elif mode == "times_schedule":
-    base = config.lr or 1.0
-    tx = optax.chain(build(schedule, 0.0, mask, **kwargs),
-                     decay_by_schedule(config.wd, lambda t: schedule(t) / base, mask))
-  else:  # l2: wd * p joins the gradient, before momentum / Adam's moments.
-    tx = optax.chain(optax.add_decayed_weights(config.wd, mask),
-                     build(schedule, 0.0, mask, **kwargs))
+  with_wd = _WD_MODES[config.wd_mode] if config.wd else _times_lr
+  tx = with_wd(build, schedule, config, mask, dict(config.optax))
   if config.lr_mults:
     tx = optax.chain(tx, scale_by_lr_mults(config.lr_mults))
   if config.grad_clip_norm:
@@ -162,17 +150,9 @@ def make_optimizer(config, total_steps: int):
   return tx, schedule
 
 
-def _compile(patterns, field: str):
-  try:
-    return [re.compile(p) for p in patterns]
-  except (re.error, TypeError) as e:
-    raise ConfigError(f"config.{field}: bad regex in {list(patterns)}: {e}") from None
-
-
 def lr_mults_tree(params, lr_mults):
   """Per-leaf multipliers: the first `(regex, mult)` whose regex fully matches, else 1."""
-  rules = [(regex, float(mult)) for regex, (_, mult) in zip(
-      _compile([r for r, _ in lr_mults], "lr_mults"), lr_mults)]
+  rules = [(re.compile(regex), float(mult)) for regex, mult in lr_mults]
   def mult(path):
     return next((m for regex, m in rules if regex.fullmatch(path)), 1.0)
   return jax.tree_util.tree_map(mult, treeutil.paths(params))
@@ -180,10 +160,6 @@ def lr_mults_tree(params, lr_mults):
 
 def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
   """Multiplies each leaf's update (weight decay included) by its `lr_mults` factor."""
-  for rule in lr_mults:
-    if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
-      raise ConfigError(f"config.lr_mults: each entry must be (regex, multiplier), got "
-                        f"{rule!r}")
   def scale(updates, params):
     mults = lr_mults_tree(updates if params is None else params, lr_mults)
     return jax.tree_util.tree_map(lambda u, m: u * m if m != 1.0 else u, updates, mults)
@@ -192,7 +168,7 @@ def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
 
 def frozen_mask(params, patterns):
   """True for leaves whose path fully matches one of the `frozen` regexes."""
-  regexes = _compile(patterns, "frozen")
+  regexes = [re.compile(p) for p in patterns]
   return jax.tree_util.tree_map(lambda p: any(r.fullmatch(p) for r in regexes),
                                 treeutil.paths(params))
 

@@ -17,28 +17,30 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging
+from absl import app, logging
 import jax
 import numpy as np
 
-from vitcls import evaluators, export, inspection, metrics, report, sharding
-from vitcls.data import preprocess
+from vitcls import flags, inspection, sharding
+from vitcls.run import workdir as wdir
+from vitcls.data import pp as pp_lib
+from vitcls.data.pp import image as pp_image
 from vitcls.errors import UserError
 
 FLAGS = flags.FLAGS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 
 
-def _define_flags() -> None:
-  """Defined when the CLI starts, not on import: other CLIs define --workdir too."""
-  if "workdir" not in FLAGS:
-    flags.DEFINE_string("workdir", None, "A vitcls workdir with checkpoints.")
-  if "step" not in FLAGS:
-    flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_string("input", None, "An image file, or a folder searched recursively.")
-  flags.DEFINE_string("output", "predictions.csv", "The CSV to write.")
-  flags.DEFINE_integer("topk", 5, "Labels per row.")
-  flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
+def _define_flags() -> list[str]:
+  """This CLI's flags (defined when it starts); their names."""
+  return [
+      *flags.define_checkpoint(),
+      flags.define("string", "input", None, "An image file, or a folder searched "
+                   "recursively."),
+      flags.define("string", "output", "predictions.csv", "The CSV to write."),
+      flags.define("integer", "topk", 5, "Labels per row."),
+      flags.define("integer", "batch_size", 64, "Images per forward pass."),
+  ]
 
 
 def list_images(path: str) -> list[str]:
@@ -54,7 +56,7 @@ def list_images(path: str) -> list[str]:
   return files
 
 
-def load_image(path: str, pp: preprocess.Preprocess, image_shape) -> np.ndarray:
+def load_image(path: str, pp: pp_lib.Preprocess, image_shape) -> np.ndarray:
   """A file -> the model's float input: `pp` (decode + the eval pp), a resize if needed."""
   with open(path, "rb") as f:
     data = f.read()
@@ -62,12 +64,12 @@ def load_image(path: str, pp: preprocess.Preprocess, image_shape) -> np.ndarray:
     raise UserError("empty file")
   image = pp({"image": data, "label": 0}, np.random.default_rng(0))["image"]
   if image.shape != tuple(image_shape):
-    image = preprocess._resize_image(  # pylint: disable=protected-access
+    image = pp_image.resize_image(
         np.asarray(image, np.float32), tuple(image_shape[:2]), "bilinear")
   return np.asarray(image, np.float32)
 
 
-def _load_chunk(paths: list[str], pp: preprocess.Preprocess, image_shape):
+def _load_chunk(paths: list[str], pp: pp_lib.Preprocess, image_shape):
   """(model inputs of the files that load, {path: one-line error} of those that don't)."""
   images, errors = [], {}
   for path in paths:
@@ -78,29 +80,14 @@ def _load_chunk(paths: list[str], pp: preprocess.Preprocess, image_shape):
   return images, errors
 
 
-def ood_threshold(workdir: str, config, model, params, mesh) -> float:
-  """The run's chosen MSP-score threshold; computed on the first eval split if none."""
-  finals = report.final_metrics(workdir, report.read_metrics(workdir))
-  chosen = [v for k, (_, v) in sorted(finals.items()) if k.endswith("/msp/threshold")]
-  if chosen:
-    return float(chosen[0])
-  from vitcls.evaluators import _common  # pylint: disable=g-import-not-at-top
-  name, raw = next(iter(config.evals.items()))
-  cfg = evaluators.resolve(name, raw)
-  inference = _common.factory(cfg, model=model, train_config=config, mesh=mesh,
-                              batch_sharding=sharding.batch_sharding(mesh))(cfg.split)
-  scores = metrics.msp_score(inference.run(params)["logits"])
-  return float(metrics.threshold_at_tpr(scores, 0.95))
-
-
 def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
             batch_size: int = 64) -> dict[str, int]:
   """Writes the predictions CSV; returns {'predicted': n, 'failed': m, 'flagged': k}."""
   config, model, params = inspection.load_run(workdir, step)
   mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
-  pp_spec, image_shape, names = export.serving_inputs(config)
-  pp = preprocess.parse(f"decode(channels={image_shape[-1]})|{pp_spec}")
-  threshold = ood_threshold(workdir, config, model, params, mesh)
+  pp_spec, image_shape, names = inspection.serving_inputs(config)
+  pp = pp_lib.parse(f"decode(channels={image_shape[-1]})|{pp_spec}")
+  threshold = inspection.ood_threshold(workdir, config, model, params, mesh)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))
   on_device = jax.device_put(params)  # Once, not with every batch.
   files = list_images(inputs)
@@ -136,14 +123,10 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
       counts["flagged"] += row["ood_flag"]
   columns = ["path"] + [f"{k}_{r}" for r in range(1, topk + 1) for k in ("label", "prob")]
   columns += ["ood_score", "ood_flag", "error"]
-  directory = os.path.dirname(os.path.abspath(output))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp")
-  with open(tmp, "w", newline="") as f:
+  with wdir.atomic_file(output, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-  os.replace(tmp, output)
   if counts["failed"]:
     bad = [r["path"] for r in rows if r.get("error")][:3]
     logging.warning("Could not read %d of %d files (e.g. %s); their rows hold the error.",
@@ -168,8 +151,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point shared by `python -m vitcls.predict` and `vitcls predict`."""
-  _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=flags.parser(None, _define_flags()))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ evaluation does on the host:
   1. RGB -> the model's channel count: 3 is unchanged; 1 is luma, ITU-R BT.601
      (0.299 R + 0.587 G + 0.114 B, weights summing to 1, rounded back to uint8 as PIL's
      convert("L") does), so a gray image sent as RGB gives back its own pixels;
-  2. the image ops of the eval pp, each by its TF twin in `TF_TWINS`, in order; label ops
-     are skipped; random (training) ops are refused;
+  2. the image ops of the eval pp, each by the TF twin its registry entry names
+     (vitcls.data.pp.tf_twins), in order; label ops are skipped; random (training) ops
+     are refused;
   3. a bilinear resize to the model's input size when the image is not already that
      size, so any input size works even when the pp has no resize;
   4. the model, converted by jax2tf with its params as variables, then a softmax.
@@ -25,165 +26,44 @@ costs nothing until a SavedModel is written.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import uuid
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitcls.data import preprocess
+from vitcls.data import pp
+from vitcls.data.pp import registry
+from vitcls.data.pp.tf_twins import ImageOp, cast_like
 from vitcls.errors import UserError
+from vitcls.run import workdir as wdir
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L").
 PLATFORMS = ("cpu", "cuda", "tpu")  # The SavedModel runs on any of these.
 LABELS_FILE = "labels.txt"
-RESIZE_METHODS = ("bilinear", "nearest", "bicubic", "area")  # Host and TF share the names.
-RANDOM_OPS = frozenset({"random_crop", "random_shift", "flip_lr", "inception_crop",
-                        "randaug", "random_erasing"})
-
-ImageOp = Callable[[Any], Any]  # tf.Tensor [batch, h, w, c] -> tf.Tensor [batch, h', w', c'].
 
 
 class ServingExportError(UserError):
   """The model, its pp or the output path cannot be exported for serving."""
 
 
-# TF twins of the host ops in vitcls.data.preprocess: `factory(*args, **kw)` takes the
-# host op's arguments and returns an op on a batch of images, or None when the op leaves
-# the image alone (label ops, ops on another key).
-
-def _on_image(key: str, op: ImageOp) -> Optional[ImageOp]:
-  return op if key == "image" else None
-
-
-def _cast_like(images, dtype):
-  """float32 images -> `dtype`, rounding and clipping to its range when it is an integer."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if dtype.is_integer:
-    images = tf.clip_by_value(tf.round(images), dtype.min, dtype.max)
-  return tf.cast(images, dtype)
-
-
-def _resize_tf(size, width=None, key="image", method="bilinear") -> Optional[ImageOp]:
-  """tf.image.resize, antialiased, keeping the dtype as the host op does.
-
-  The host resizes with PIL, TF with its own kernels: with antialias=True they agree to a
-  few 1e-4 of a pixel value on bilinear (so rounded uint8 pixels can differ by one), less
-  closely on the other methods. Serving matches the host exactly only when no resize
-  happens (the input already has the pp's size).
-  """
-  hw = (int(size), int(size if width is None else width))
-  if method not in RESIZE_METHODS:
-    raise TypeError(f"method must be one of {', '.join(RESIZE_METHODS)}, not {method!r}")
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    out = tf.image.resize(tf.cast(images, tf.float32), hw, method=method, antialias=True)
-    return _cast_like(out, images.dtype)
-  return _on_image(key, op)
-
-
-def _central_crop_tf(size, width=None, key="image") -> Optional[ImageOp]:
-  """The central window; an image smaller than it is kept whole (then resized by step 3)."""
-  h, w = int(size), int(size if width is None else width)
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    shape = tf.shape(images)
-    top, left = tf.maximum((shape[1] - h) // 2, 0), tf.maximum((shape[2] - w) // 2, 0)
-    return images[:, top:top + h, left:left + w]
-  return _on_image(key, op)
-
-
-def _to_rgb_tf(key="image") -> Optional[ImageOp]:
-  """One channel repeated three times; three channels unchanged."""
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return tf.tile(images, [1, 1, 1, 3]) if images.shape[-1] == 1 else images
-  return _on_image(key, op)
-
-
-def _value_range_tf(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0,
-                    key="image") -> Optional[ImageOp]:
-  """[in_min, in_max] -> [vmin, vmax] in float32, the host's arithmetic in the same order."""
-  scale = (vmax - vmin) / (in_max - in_min)
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return (tf.cast(images, tf.float32) - in_min) * scale + vmin
-  return _on_image(key, op)
-
-
-def _resize_small_tf(size, key="image", method="bilinear") -> Optional[ImageOp]:
-  """Shorter side to `size` as the host's resize_small, then `resize`'s TF resize.
-
-  The shape is the host's (`preprocess.resize_small_shape`: the same float64 arithmetic
-  and half-to-even rounding), computed per batch since serving takes any input size.
-  """
-  size = int(size)
-  if method not in RESIZE_METHODS:
-    raise TypeError(f"method must be one of {', '.join(RESIZE_METHODS)}, not {method!r}")
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    hw = tf.cast(tf.shape(images)[1:3], tf.float64)
-    new_hw = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)
-    out = tf.image.resize(tf.cast(images, tf.float32), new_hw, method=method,
-                          antialias=True)
-    return _cast_like(out, images.dtype)
-  return _on_image(key, op)
-
-
-def _normalize_tf(mean, std, key="image") -> Optional[ImageOp]:
-  """(x - 255 mean) / (255 std) in float32 with the host's constants: equal bit for bit."""
-  mean255, std255 = preprocess.normalize_constants(mean, std)
-  def op(images):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    return (tf.cast(images, tf.float32) - mean255) / std255
-  return _on_image(key, op)
-
-
-def _decode_tf(key="image", channels=3) -> None:
-  """Nothing to do: serving takes decoded uint8 RGB, and step 1 makes the channels."""
-  if channels not in preprocess.DECODE_MODES:
-    raise TypeError(f"channels must be 1 or 3, got {channels!r}")
-
-
-def _label_only(*args, **kwargs) -> None:
-  """Ops that touch only labels (or drop keys): nothing to do on a served image."""
-  del args, kwargs
-
-
-TF_TWINS: dict[str, Callable[..., Optional[ImageOp]]] = {
-    "decode": _decode_tf,
-    "resize": _resize_tf,
-    "resize_small": _resize_small_tf,
-    "central_crop": _central_crop_tf,
-    "to_rgb": _to_rgb_tf,
-    "value_range": _value_range_tf,
-    "normalize": _normalize_tf,
-    "onehot": _label_only,
-    "keep": _label_only,
-    "drop": _label_only,
-}
-
-
 def image_ops(pp_spec: str) -> list[ImageOp]:
-  """The TF twins of the image ops of `pp_spec`, in order.
+  """The TF twins (`OpInfo.tf_twin`) of the image ops of `pp_spec`, in order.
 
   A random op, an op without a twin or bad arguments raise ServingExportError naming it.
   """
   ops = []
-  for text in (t.strip() for t in pp_spec.split("|")):
-    if not text:
-      continue
-    name, args, kwargs = preprocess._parse_call(text)  # pylint: disable=protected-access
-    if name in RANDOM_OPS or name not in TF_TWINS:
-      why = "is random" if name in RANDOM_OPS else "has no TF twin"
+  for text, name, args, kwargs in pp.plan(pp_spec).calls:
+    entry = registry.get(name)
+    if entry is None or entry.random or entry.tf_twin is None:
+      why = "is random" if entry is not None and entry.random else "has no TF twin"
+      twins = registry.available_ops(lambda e: e.tf_twin is not None)
       raise ServingExportError(
           f"pp op '{name}' {why}: the serving export takes the eval pp, made of "
-          f"{', '.join(TF_TWINS)}; pass the eval pp spec (e.g. config.evals.<name>.pp)")
+          f"{', '.join(twins)}; pass the eval pp spec (e.g. config.evals.<name>.pp)")
     try:
-      op = TF_TWINS[name](*args, **kwargs)
+      op = entry.tf_factory()(*args, **kwargs)
     except TypeError as e:
       raise ServingExportError(f"bad arguments for pp op '{text}': {e}") from e
     if op is not None:
@@ -198,7 +78,7 @@ def _to_channels(images, channels: int):
     return images
   luma = tf.reduce_sum(tf.cast(images, tf.float32) * tf.constant(LUMA_WEIGHTS), axis=-1,
                        keepdims=True)
-  return _cast_like(luma, tf.uint8)
+  return cast_like(luma, tf.uint8)
 
 
 def _fit(images, hw: tuple[int, int]):
@@ -303,35 +183,6 @@ def _is_replaceable(path: str) -> bool:
                                   os.path.isfile(os.path.join(path, "saved_model.pb")))
 
 
-def _write_atomically(output_dir: str, write: Callable[[str], None]) -> None:
-  """`write(tmp)` into a fresh sibling of output_dir, then renames it into place.
-
-  An existing export is moved aside only once the new one is complete and put back if the
-  final rename fails, so output_dir is never a half-written or half-replaced export (it is
-  absent for the instant between the two renames). The temporary directory is made with
-  os.mkdir, not mkdtemp, so the export gets the usual umask permissions rather than 0700.
-  """
-  parent, name = os.path.split(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-  os.mkdir(tmp)
-  try:
-    write(tmp)
-    if not os.path.lexists(output_dir):
-      os.rename(tmp, output_dir)
-      return
-    old = f"{tmp}.old"
-    os.rename(output_dir, old)
-    try:
-      os.rename(tmp, output_dir)
-    except BaseException:
-      os.rename(old, output_dir)
-      raise
-    shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)  # Gone already on success.
-
-
 def export_savedmodel(output_dir, *, model, params, pp_spec: str,
                       image_shape: Sequence[int],
                       label_names: Optional[Sequence[str]] = None) -> str:
@@ -365,5 +216,5 @@ def export_savedmodel(output_dir, *, model, params, pp_spec: str,
       module = _serving_module(model, params, ops, image_shape, labels_path)
       tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
 
-  _write_atomically(output_dir, write)
+  wdir.atomic_dir(output_dir, write)
   return output_dir

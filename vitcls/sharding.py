@@ -16,25 +16,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vitcls import treeutil
-from vitcls.configs import ConfigError
+from vitcls import treeutil, validate
 
 
 def make_mesh(axes, devices=None) -> Mesh:
-  """A mesh with the named axis sizes; one size may be -1 (all devices left over)."""
+  """A mesh with the named axis sizes; one size may be -1 (all devices left over).
+
+  The axes are checked by `validate.check_mesh` (configs of a workdir, evaluated on other
+  devices than they trained on, come here without `validate.check`).
+  """
   devices = list(jax.devices() if devices is None else devices)
+  validate.check_mesh(axes, len(devices))
   names = [str(name) for name, _ in axes]
   sizes = [int(size) for _, size in axes]
-  if sizes.count(-1) > 1:
-    raise ConfigError(f"mesh {list(axes)}: at most one axis may have size -1")
-  known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ConfigError(f"mesh {list(axes)} does not divide {len(devices)} devices")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ConfigError(f"mesh {list(axes)} needs {math.prod(sizes)} devices but "
-                      f"{len(devices)} are present: fix config.mesh")
+    sizes[sizes.index(-1)] = len(devices) // math.prod(s for s in sizes if s != -1)
   return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
@@ -60,19 +56,22 @@ def _fsdp_spec(shape, mesh: Mesh) -> P:
   return P()
 
 
+# The partition spec of a leaf (shape, mesh) for each kind of `configs.SHARDING_KINDS`.
+_KINDS = {"replicate": lambda shape, mesh: P(), "fsdp": _fsdp_spec}
+
+
 def tree_shardings(mesh: Mesh, tree, rules):
-  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by `rules`."""
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs) by `rules`.
+
+  The rules were checked by `vitcls.validate` (regexes, kinds).
+  """
   compiled = [(re.compile(regex), kind) for regex, kind in rules]
-  for _, kind in compiled:
-    if kind not in ("replicate", "fsdp"):
-      raise ConfigError(f"unknown sharding rule kind '{kind}': use replicate or fsdp")
 
   def one(path, leaf):
     name = treeutil.leaf_path(path)
     for regex, kind in compiled:
       if regex.fullmatch(name):
-        spec = _fsdp_spec(np.shape(leaf), mesh) if kind == "fsdp" else P()
-        return NamedSharding(mesh, spec)
+        return NamedSharding(mesh, _KINDS[kind](np.shape(leaf), mesh))
     return replicated(mesh)
 
   return jax.tree_util.tree_map_with_path(one, tree)

@@ -1,6 +1,6 @@
 """`python -m vitcls.train --config=experiments/NAME.py[:k=v,...] --workdir=DIR`.
 
-The command line of the training loop (`vitcls.loop`). It checks the whole config first
+The command line of the training loop (`vitcls.run.loop`). It checks the whole config first
 (`vitcls.validate`), before JAX, TensorFlow or flax are imported, so a mistake is
 reported in about a second, every problem at once; then it joins the other processes of
 a multi-host run and trains. Running the same command on the same workdir resumes
@@ -16,25 +16,31 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow only builds datasets here.
 
-from absl import app, flags, logging
+from absl import app, logging
 
-from vitcls import configs, validate
+from vitcls import configs, flags, validate
 from vitcls.errors import UserError
 
-_CONFIG = flags.DEFINE_string("config", None, "Experiment file, `path.py[:k=v,...]`.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (cluster auto-detection: "
-    "TPU pods, SLURM, ...); implied by --coordinator.")
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0, for "
-                                   "clusters without auto-detection.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> list[str]:
+  """This CLI's flags (defined when it starts); their names."""
+  return [
+      *flags.define_run(),
+      flags.define("bool", "distributed", False, "Call jax.distributed.initialize() "
+                   "(cluster auto-detection: TPU pods, SLURM, ...); implied by "
+                   "--coordinator."),
+      flags.define("string", "coordinator", None, "host:port of process 0, for clusters "
+                   "without auto-detection."),
+      flags.define("integer", "num_processes", None, "With --coordinator."),
+      flags.define("integer", "process_id", None, "With --coordinator."),
+  ]
 
 
 def train(config, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) `config` in `workdir`: `vitcls.loop.train`."""
-  from vitcls import loop  # pylint: disable=g-import-not-at-top
+  """Trains (or resumes) `config` in `workdir`: `vitcls.run.loop.train`."""
+  from vitcls.run import loop  # pylint: disable=g-import-not-at-top
   return loop.train(config, workdir)
 
 
@@ -61,10 +67,10 @@ def _join_cluster(config) -> None:
   """jax.distributed.initialize when asked, with the config's failure timeout."""
   import jax  # pylint: disable=g-import-not-at-top
   timeouts = dict(heartbeat_timeout_seconds=config.heartbeat_timeout_s)
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value, **timeouts)
-  elif _DISTRIBUTED.value:
+  if FLAGS.coordinator:
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                               **timeouts)
+  elif FLAGS.distributed:
     jax.distributed.initialize(**timeouts)
 
 
@@ -76,21 +82,21 @@ def main(argv) -> None:
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    if not _CONFIG.value or not _WORKDIR.value:
+    if not FLAGS.config or not FLAGS.workdir:
       raise UserError("both --config=experiments/NAME.py and --workdir=DIR are required")
     bad_overrides = []
-    config = configs.resolve(configs.load_experiment(_CONFIG.value), _OVERRIDES,
+    config = configs.resolve(configs.load_experiment(FLAGS.config), _OVERRIDES,
                              errors=bad_overrides)
     # Everything but the devices now, before any heavy import; the devices once known.
-    validate.check(config, process_count=_NUM_PROCESSES.value or 1, known=bad_overrides)
+    validate.check(config, process_count=FLAGS.num_processes or 1, known=bad_overrides)
     _compilation_cache(config)
     _join_cluster(config)
     import jax  # pylint: disable=g-import-not-at-top
     validate.check(config, num_devices=jax.device_count(),
                    process_count=jax.process_count())
-    from vitcls import loop  # pylint: disable=g-import-not-at-top
+    from vitcls.run import loop  # pylint: disable=g-import-not-at-top
     try:
-      final = loop.train(config, _WORKDIR.value)
+      final = loop.train(config, FLAGS.workdir)
     except loop.Preempted as e:
       print(f"vitcls: {e}", file=sys.stderr)
       sys.exit(0)
@@ -103,7 +109,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """Entry point shared by `python -m vitcls.train` and `vitcls train`."""
-  app.run(main, flags_parser=configs.flags_parser(_OVERRIDES))
+  app.run(main, flags_parser=flags.parser(_OVERRIDES, _define_flags()))
 
 
 if __name__ == "__main__":

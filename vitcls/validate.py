@@ -8,53 +8,102 @@ every problem it finds, one line each: field types against `configs.defaults()`,
 names (model and its fields, optimiser, schedule, loss, evaluators and their keys, pp
 ops), regexes, the mesh and batch against a device and process count when given, and
 the files the config names. `check(config)` raises one `ConfigError` listing them all.
+
+It is the only gate: `vitcls.run.build` calls `check` first, and the library modules do
+not check the config again. What only a built run knows is checked here too, by functions
+`build` calls with the resolved values: `check_built` (the run's length in steps, the
+optax optimiser's arguments), `check_class_counts` (class_weights "balanced") and
+`check_mesh` (a mesh on the devices present).
 """
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from vitcls import configs
 
 ConfigError = configs.ConfigError
-
-OPTIMIZERS = ("adamw", "sgd", "adafactor")
-DECAY_TYPES = ("cosine", "linear", "rsqrt", "stair", "constant")
-WD_MODES = ("times_lr", "times_schedule", "l2")
-LOSSES = ("softmax_xent", "sigmoid_xent")
-SHARDING_KINDS = ("replicate", "fsdp")
 # Fields that may be None besides their default's type.
 _OPTIONAL = {"total_steps": int, "total_examples": int, "total_epochs": float,
              "class_weights": (str, list, tuple)}
 
 
 def check(config, *, num_devices: int | None = None, process_count: int = 1,
-          known: Sequence[str] = ()) -> None:
+          known: Sequence[str] = (), training: bool = True) -> None:
   """Raises one ConfigError naming every problem of `config` (one per line), if any.
 
   `known`: problems found before (e.g. bad command-line overrides), listed first.
+  `training=False`: the config of a finished run, evaluated again: what only starting
+  a run reads (`model_init`) is not checked.
   """
-  found = [*known, *problems(config, num_devices=num_devices, process_count=process_count)]
+  _raise([*known, *problems(config, num_devices=num_devices, process_count=process_count,
+                            training=training)])
+
+
+def check_built(config, *, total_steps: int, optax_arguments: Collection[str]) -> None:
+  """Raises ConfigError for what only `build` knows, after `check` passed.
+
+  `total_steps`: the run's length (with `total_epochs`, it needs the dataset's size);
+  `optax_arguments`: the keyword arguments the chosen optax optimiser takes.
+  """
+  found: list[str] = []
+  _length(config, total_steps, found)
+  allowed = sorted(optax_arguments)
+  for key in config.optax:
+    _need(found, key in allowed, f"unknown config key 'optax.{key}' for "
+          f"{config.optax_name}: known ones are {', '.join(allowed)}")
+  _raise(found)
+
+
+def check_class_counts(counts, num_classes: int) -> None:
+  """Raises ConfigError when class_weights "balanced" cannot weigh these label counts."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  counts = np.asarray(counts, np.float64)
+  what = "config.class_weights 'balanced'"
+  if counts.ndim != 1 or counts.size == 0:
+    raise ConfigError(f"{what}: class counts must be a non-empty list, not shape "
+                      f"{counts.shape}")
+  empty = np.flatnonzero(counts <= 0)
+  if empty.size:
+    raise ConfigError(f"{what}: class {int(empty[0])} has no examples ({counts.size} "
+                      f"classes, {empty.size} empty): balanced class weights are "
+                      f"undefined; give a list of weights instead")
+  if counts.size != num_classes:
+    raise ConfigError(f"{what}: class counts have {counts.size} classes but num_classes "
+                      f"is {num_classes}")
+
+
+def check_mesh(axes, num_devices: int) -> None:
+  """Raises ConfigError unless the mesh `axes` lays out exactly `num_devices` devices."""
+  found: list[str] = []
+  sizes = _mesh_shape(list(axes), found)
+  if sizes is not None:
+    _mesh_devices(list(axes), sizes, num_devices, found)
+  _raise(found)
+
+
+def _raise(found: list[str]) -> None:
   if len(found) == 1:
     raise ConfigError(found[0])
   if found:
     raise ConfigError(f"{len(found)} problems in the config:\n  " + "\n  ".join(found))
 
 
-def problems(config, *, num_devices: int | None = None,
-             process_count: int = 1) -> list[str]:
+def problems(config, *, num_devices: int | None = None, process_count: int = 1,
+             training: bool = True) -> list[str]:
   """Every problem found in a resolved config, one line each (empty: none found)."""
   out: list[str] = []
   _types(config, configs.defaults(), "", out)
   if out:  # Range checks below assume the types are right.
     return out
   for check_fn in (_durations, _optimiser, _schedule, _regularisation, _input, _model,
-                   _evals, _files, _logging):
+                   _evals):
     check_fn(config, out)
+  _files(config, out, model_init=training)
+  _logging(config, out)
   _devices(config, num_devices, process_count, out)
   return out
 
@@ -75,7 +124,8 @@ def _types(config, reference, prefix: str, out: list[str]) -> None:
     if value is None and (path in _OPTIONAL or default is None):
       continue
     if not _is(value, expected):
-      out.append(f"config.{path} must be {_describe(expected)}, got {value!r}")
+      shown = value.to_dict() if isinstance(value, configs.ConfigDict) else value
+      out.append(f"config.{path} must be {_describe(expected)}, got {shown!r}")
 
 
 def _kind(reference, key, default):
@@ -117,9 +167,9 @@ def _durations(c, out) -> None:
 
 
 def _optimiser(c, out) -> None:
-  _one_of(out, "optax_name", c.optax_name, OPTIMIZERS)
-  _one_of(out, "wd_mode", c.wd_mode, WD_MODES)
-  _one_of(out, "loss", c.loss, LOSSES)
+  _one_of(out, "optax_name", c.optax_name, configs.OPTIMIZERS)
+  _one_of(out, "wd_mode", c.wd_mode, configs.WD_MODES)
+  _one_of(out, "loss", c.loss, configs.LOSSES)
   for key in ("lr", "wd", "grad_clip_norm"):
     _need(out, c[key] >= 0, f"config.{key} must be >= 0, got {c[key]}")
   _regex(out, "wd_mask", [c.wd_mask])
@@ -132,31 +182,60 @@ def _optimiser(c, out) -> None:
           f"of {c.num_classes} weights, got '{cw}'")
   elif cw is not None:
     _need(out, len(cw) == c.num_classes and all(
-        isinstance(w, (int, float)) and w >= 0 for w in cw),
-          f"config.class_weights must list {c.num_classes} non-negative weights, got {cw}")
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+        and w >= 0 for w in cw), f"config.class_weights must list {c.num_classes} "
+          f"non-negative weights (finite numbers), got {cw}")
 
 
 def _schedule(c, out) -> None:
   s = c.schedule
-  _one_of(out, "schedule.decay_type", s.decay_type, DECAY_TYPES)
+  _one_of(out, "schedule.decay_type", s.decay_type, configs.DECAY_TYPES)
   _need(out, s.warmup_steps >= 0, f"config.schedule.warmup_steps must be >= 0, got "
         f"{s.warmup_steps}")
   _need(out, 0 <= s.warmup_percent <= 1, f"config.schedule.warmup_percent must be in "
         f"[0, 1], got {s.warmup_percent}")
   _need(out, s.end_factor >= 0, f"config.schedule.end_factor must be >= 0, got "
         f"{s.end_factor}")
-  if c.total_steps is not None and isinstance(c.total_steps, int):
-    _need(out, s.warmup_steps <= c.total_steps, f"config.schedule.warmup_steps "
-          f"({s.warmup_steps}) is longer than the run (total_steps {c.total_steps})")
   _need(out, s.timescale > 0, f"config.schedule.timescale must be > 0, got {s.timescale}")
   if s.decay_type == "stair":
     b = list(s.boundaries)
-    _need(out, bool(b) and b == sorted(b) and all(
-        isinstance(x, (int, float)) and 0 < x <= 1 for x in b),
-          f"config.schedule.boundaries must be increasing fractions of the run in (0, 1] "
-          f"for decay_type 'stair', got {b}")
+    _need(out, _fractions(b), f"config.schedule.boundaries must be increasing fractions "
+          f"of the run in (0, 1] for decay_type 'stair', got {b}")
     _need(out, s.stair_factor > 0, f"config.schedule.stair_factor must be > 0, got "
           f"{s.stair_factor}")
+  steps = _known_steps(c)
+  if steps is not None and s.warmup_steps >= 0 and 0 <= s.warmup_percent <= 1:
+    _length(c, steps, out)
+
+
+def _fractions(b: list) -> bool:
+  """Whether stair `boundaries` are increasing fractions of the run in (0, 1]."""
+  return bool(b) and b == sorted(b) and all(
+      isinstance(x, (int, float)) and 0 < x <= 1 for x in b)
+
+
+def _known_steps(c) -> int | None:
+  """The run's length in steps when the config alone gives it (not with total_epochs)."""
+  if (c.total_steps is None and c.total_examples is None) or c.input.batch_size <= 0:
+    return None
+  try:
+    return configs.total_steps(c, 0)
+  except ConfigError:  # Not positive: _durations reports it.
+    return None
+
+
+def _length(c, steps: int, out) -> None:
+  """What needs the run's length: a warmup longer than the run, a stair inside it."""
+  s = c.schedule
+  warmup = configs.warmup_steps(c, steps)
+  if warmup > steps:
+    out.append(f"config.schedule: warmup ({warmup} steps) is longer than the run "
+               f"({steps} steps): shorten schedule.warmup_steps or the warmup_percent")
+    return
+  if s.decay_type == "stair" and _fractions(list(s.boundaries)):
+    first = round(float(s.boundaries[0]) * steps)
+    _need(out, first >= warmup, f"config.schedule.boundaries: the first boundary (step "
+          f"{first}) falls inside the warmup ({warmup} steps)")
 
 
 def _regularisation(c, out) -> None:
@@ -166,7 +245,8 @@ def _regularisation(c, out) -> None:
         f"got {c.ema_decay}")
   for key, value in (("mixup.alpha", c.mixup.alpha), ("mixup.p", c.mixup.p),
                      ("cutmix.alpha", c.cutmix.alpha)):
-    _need(out, value >= 0, f"config.{key} must be >= 0 (0 turns it off), got {value}")
+    _need(out, math.isfinite(value) and value >= 0, f"config.{key} must be a finite "
+          f"number >= 0 (0 turns it off), got {value}")
   _need(out, not (c.mixup.alpha and c.mixup.p), "config.mixup: set alpha (timm) or p "
         "(big_vision), not both")
   _need(out, 0 <= c.mix_switch_prob <= 1, f"config.mix_switch_prob must be in [0, 1], got "
@@ -187,10 +267,10 @@ def _input(c, out) -> None:
   _need(out, isinstance(i.data.get("name"), str) and bool(i.data.get("name")),
         "config.input.data.name must name a dataset (TFDS name or folder:PATH)")
   if _pp(out, "input.pp", i.pp) and i.on_device:
-    from vitcls.data import preprocess  # pylint: disable=g-import-not-at-top
+    from vitcls.data import pp  # pylint: disable=g-import-not-at-top
     try:
-      preprocess.split_for_device(i.pp)
-    except preprocess.PreprocessError as e:
+      pp.plan(i.pp, on_device=True)  # Reads the registry only: no JAX.
+    except pp.PreprocessError as e:
       out.append(f"config.{e}")
   _need(out, c.num_classes > 0, f"config.num_classes must be > 0, got {c.num_classes}")
 
@@ -202,25 +282,11 @@ def _model(c, out) -> None:
     out.append(f"config.model_name: unknown model '{c.model_name}': available models: "
                f"{', '.join(names)}")
     return
-  known = model_fields(c.model_name)
+  known = models.fields(c.model_name)
   for key in c.model:
     if key not in known:
       out.append(f"unknown config key 'model.{key}' for model '{c.model_name}': known "
                  f"fields are {', '.join(sorted(known))}")
-
-
-def model_fields(name: str) -> set[str]:
-  """The fields of `vitcls.models.<name>.Model`, read from its source (no flax import)."""
-  from vitcls import models  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(models.__file__), f"{name}.py")
-  with open(path, encoding="utf-8") as f:
-    tree = ast.parse(f.read())
-  for node in tree.body:
-    if isinstance(node, ast.ClassDef) and node.name == "Model":
-      return {n.target.id for n in node.body
-              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-              } - {"num_classes", "parent", "name"}
-  return set()
 
 
 def _evals(c, out) -> None:
@@ -244,8 +310,8 @@ def _evals(c, out) -> None:
         _dataset(out, f"evals.{name}.{key}", resolved[key], c.input.data_dir)
 
 
-def _files(c, out) -> None:
-  if c.model_init and not os.path.exists(c.model_init):
+def _files(c, out, model_init: bool = True) -> None:
+  if model_init and c.model_init and not os.path.exists(c.model_init):
     out.append(f"config.model_init: '{c.model_init}' does not exist: give an .npz "
                f"checkpoint or a vitcls workdir")
   if c.input.data_dir and not os.path.isdir(os.path.expanduser(c.input.data_dir)):
@@ -283,22 +349,13 @@ def _devices(c, num_devices: int | None, process_count: int, out) -> None:
   _need(out, batch % process_count == 0, f"config.input.batch_size {batch} is not "
         f"divisible by the {process_count} processes")
   axes = list(c.mesh)
-  if not all(isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
-             and isinstance(a[1], int) and (a[1] >= 1 or a[1] == -1) for a in axes):
-    out.append(f"config.mesh must be a list of (axis name, size >= 1 or -1), got {axes}")
-    return
-  sizes = [size for _, size in axes]
-  if sizes.count(-1) > 1:
-    out.append(f"config.mesh {axes}: at most one axis may have size -1")
+  sizes = _mesh_shape(axes, out)
+  if sizes is None:
     return
   rules = list(c.sharding_rules)
-  _pairs(out, "sharding_rules", rules, lambda kind: kind in SHARDING_KINDS,
-         "(regex, replicate | fsdp)")
-  if num_devices is None:
-    return
-  fixed = math.prod(s for s in sizes if s != -1)
-  if num_devices % fixed:
-    out.append(f"config.mesh {axes} does not divide the {num_devices} devices")
+  _pairs(out, "sharding_rules", rules, lambda kind: kind in configs.SHARDING_KINDS,
+         f"(regex, {' | '.join(configs.SHARDING_KINDS)})")
+  if num_devices is None or not _mesh_devices(axes, sizes, num_devices, out):
     return
   _need(out, batch % num_devices == 0, f"config.input.batch_size {batch} is not divisible "
         f"by the {num_devices} devices: use a multiple of {num_devices}")
@@ -307,6 +364,32 @@ def _devices(c, num_devices: int | None, process_count: int, out) -> None:
     _need(out, batch % (accum * num_devices) == 0, f"config.grad_accum_steps {accum} must "
           f"divide the per-device batch ({batch // num_devices} on each of {num_devices} "
           f"devices)")
+
+
+def _mesh_shape(axes: list, out) -> list[int] | None:
+  """The mesh's axis sizes (one may be -1), or None after appending what is wrong."""
+  if not all(isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str)
+             and isinstance(a[1], int) and (a[1] >= 1 or a[1] == -1) for a in axes):
+    out.append(f"config.mesh must be a list of (axis name, size >= 1 or -1), got {axes}")
+    return None
+  sizes = [size for _, size in axes]
+  if sizes.count(-1) > 1:
+    out.append(f"config.mesh {axes}: at most one axis may have size -1")
+    return None
+  return sizes
+
+
+def _mesh_devices(axes: list, sizes: list[int], num_devices: int, out) -> bool:
+  """Whether the mesh lays out exactly `num_devices` devices (else appends why not)."""
+  fixed = math.prod(s for s in sizes if s != -1)
+  if num_devices % fixed:
+    out.append(f"config.mesh {axes} does not divide the {num_devices} devices")
+    return False
+  if -1 not in sizes and fixed != num_devices:
+    out.append(f"config.mesh {axes} needs {fixed} devices but {num_devices} are present: "
+               f"fix config.mesh (size -1 takes the devices left over)")
+    return False
+  return True
 
 
 def _one_of(out, key: str, value: Any, choices) -> None:
@@ -332,13 +415,13 @@ def _pairs(out, key: str, rules, value_ok: Callable[[Any], bool], shape: str) ->
 
 def _pp(out, key: str, spec) -> bool:
   """Appends what is wrong with the pp string `spec`; True when it parses."""
-  from vitcls.data import preprocess, randaug  # pylint: disable=g-import-not-at-top,unused-import
+  from vitcls.data import pp  # pylint: disable=g-import-not-at-top
   if not isinstance(spec, str):
     out.append(f"config.{key} must be a pp string like 'resize(32)|value_range(-1,1)'")
     return False
   try:
-    preprocess.parse(spec)
-  except preprocess.PreprocessError as e:
+    pp.parse(spec)
+  except pp.PreprocessError as e:
     out.append(f"config.{key}: {e}")
     return False
   return True

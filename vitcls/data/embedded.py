@@ -9,6 +9,8 @@ TFDS data dir, with a fixed stratified split that does not depend on library ver
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -33,7 +35,7 @@ class _EmbeddedBuilder(tfds.core.GeneratorBasedBuilder):
   """Builds train/test splits from in-memory arrays; no download happens."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
   IMAGE_SHAPE: tuple[int, int, int]
   TEST_FRACTION: float
   DESCRIPTION: str
@@ -118,7 +120,7 @@ class Mnist5kPairs(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Initial release."}
   IMAGE_SHAPE = (28, 56, 1)
   DESCRIPTION = ("Pairs of mnist5k digits side by side, labelled with the set of digits "
                  "shown; 4,000 train / 1,000 test pairs within mnist5k's split.")

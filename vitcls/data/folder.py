@@ -45,7 +45,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from vitcls.data import embedded, preprocess
+from vitcls.data import embedded, pp
 from vitcls.errors import UserError
 
 PREFIX = "folder:"
@@ -62,7 +62,7 @@ SPLIT_FOLDERS = {
 _SPLIT_NAMES = frozenset(n for names in SPLIT_FOLDERS.values() for n in names)
 _NAMED_IN_WARNING = 5  # Skipped files a warning names; the rest are counted.
 _CHECK_THREADS = 8  # Decoding releases the GIL; more threads than cores only hide I/O.
-_DECODE = preprocess.parse("decode(channels=3)")  # As the pp op decodes TFDS bytes.
+_DECODE = pp.parse("decode(channels=3)")  # As the pp op decodes TFDS bytes.
 
 _LAYOUT_HINT = ("give folder:PATH with PATH holding one folder of images per class "
                 "(PATH/<class>/*.jpg) or split folders of those (PATH/train/<class>/*.jpg)")
@@ -264,7 +264,7 @@ class FolderSource:
       with open(path, "rb") as f:
         data = f.read()
       image = data if self.encoded else _DECODE({"image": data}, None)["image"]
-    except (OSError, preprocess.DecodeError) as e:
+    except (OSError, pp.DecodeError) as e:
       raise FolderError(f"image '{path}' no longer reads ({' '.join(str(e).split())}): "
                         f"replace or remove it and restart (files are checked when the "
                         f"folder is opened)") from e

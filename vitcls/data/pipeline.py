@@ -29,7 +29,7 @@ from grain import experimental as grain_experimental
 import jax
 import numpy as np
 
-from vitcls.data import preprocess
+from vitcls.data.pp.registry import Preprocess
 
 
 def _check_divisible(global_batch: int, process_count: int) -> int:
@@ -143,7 +143,7 @@ def example_stream(source, seed: int, balanced_labels=None) -> grain.MapDataset:
   return grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
 
 
-def train_dataset(source, pp: preprocess.Preprocess, *, global_batch: int, seed: int,
+def train_dataset(source, pp: Preprocess, *, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   balanced_labels: np.ndarray | None = None) -> grain.MapDataset:
   """Element i is this process's part of global batch `start_step + i` (dict of arrays).
@@ -159,7 +159,7 @@ def train_dataset(source, pp: preprocess.Preprocess, *, global_batch: int, seed:
   return ds[start_step:]
 
 
-def eval_dataset(source, pp: preprocess.Preprocess, *, global_batch: int,
+def eval_dataset(source, pp: Preprocess, *, global_batch: int,
                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """The whole source once, in order, padded to full global batches.
 

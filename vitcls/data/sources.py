@@ -171,7 +171,7 @@ def get_source(name: str, split: str, data_dir_path: str | None = None, *,
 
   `folder:PATH` gives a `folder.FolderSource` (its images checked as it opens).
   encoded_images: the "image" feature stays its encoded bytes (TFDS's SkipDecoding, as
-    big_vision reads), for a pp that begins with `decode` (`preprocess.decodes_first`):
+    big_vision reads), for a pp that begins with `decode` (as `vitcls.data.pp.plan` decides):
     decoding then happens once, in the pp, fused with the crops and resizes after it.
   """
   if folder.is_folder(name):

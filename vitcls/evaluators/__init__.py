@@ -1,7 +1,9 @@
 """Evaluators by name: `config.evals.<name>.type` picks `vitcls.evaluators.<type>`.
 
 Each evaluator module defines `defaults()` (its config keys) and `Evaluator(config,
-context)` with `run(params) -> dict of scalars`. Adding one is adding a file. Modules
+**context)` (context: model, train_config, mesh, batch_sharding) whose `run(params)`
+returns a `Result`: the scalars logged as `<eval name>/<key>`, and the arrays the report
+plots (`vitcls.run.evaluation` runs them and saves both). Adding one is adding a file. Modules
 import their heavy dependencies (JAX, the input pipeline, SciPy) through `lazy_import`,
 so reading every evaluator's `defaults()` to check a config costs milliseconds.
 """
@@ -12,8 +14,15 @@ import importlib
 import importlib.util
 import pkgutil
 import sys
+from typing import Any, NamedTuple
 
 from vitcls.configs import ConfigDict, ConfigError
+
+
+class Result(NamedTuple):
+  """What an evaluator's `run(params)` gives: scalars to log, arrays for the report's plots."""
+  scalars: dict[str, float]
+  arrays: dict[str, Any]  # NumPy arrays by name; empty when there is nothing to plot.
 
 
 def lazy_import(name: str):

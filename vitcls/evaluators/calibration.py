@@ -9,12 +9,10 @@ positions of the evaluated split (scaled metrics then use the odd ones).
 
 from __future__ import annotations
 
-import numpy as np
-
 from vitcls.configs import ConfigDict
 from vitcls import evaluators as _evaluators
 metrics = _evaluators.lazy_import("vitcls.metrics")
-_common = _evaluators.lazy_import("vitcls.evaluators._common")
+inference = _evaluators.lazy_import("vitcls.inference")
 
 
 def defaults() -> ConfigDict:
@@ -32,27 +30,25 @@ def defaults() -> ConfigDict:
 
 
 class Evaluator:
-  """`run(params)` -> ece, nll, brier, temperature, ece_scaled, nll_scaled."""
+  """`run(params)` -> ece, nll, brier, temperature, ece_scaled, nll_scaled; the
+  reliability diagram's bins as arrays."""
 
   def __init__(self, config, **context):
-    make = _common.factory(config, **context)
+    make = inference.factory(config, **context)
     self.inference = make(config.split)
     self.holdout = make(config.holdout_split) if config.holdout_split else None
     self.config = config
-    self.artifacts: dict[str, np.ndarray] = {}
 
-  def run(self, params) -> dict[str, float]:
-    """ece, nll, brier, temperature, ece_scaled, nll_scaled and count of `params`.
-
-    `artifacts` then holds the reliability diagram's bins, before and after scaling.
-    """
+  def run(self, params) -> _evaluators.Result:
+    """ece, nll, brier, temperature, ece_scaled, nll_scaled and count of `params`; the
+    reliability diagram's bins, before and after scaling, as arrays."""
     out = self.inference.run(params)
-    logits, labels = out["logits"], _common.class_labels(out["labels"])
+    logits, labels = out["logits"], inference.class_labels(out["labels"])
     probs = metrics.softmax(logits)
     bins = self.config.num_bins
     if self.holdout is not None:
       held = self.holdout.run(params)
-      fit_logits, fit_labels = held["logits"], _common.class_labels(held["labels"])
+      fit_logits, fit_labels = held["logits"], inference.class_labels(held["labels"])
       test_logits, test_labels = logits, labels
     else:
       fit_logits, fit_labels = logits[0::2], labels[0::2]
@@ -61,10 +57,10 @@ class Evaluator:
     scaled = metrics.softmax(test_logits / temperature)
     confidence, accuracy, count = metrics.reliability_bins(probs, labels, bins)
     scaled_bins = metrics.reliability_bins(scaled, test_labels, bins)
-    self.artifacts = {"bin_confidence": confidence, "bin_accuracy": accuracy,
-                      "bin_count": count, "scaled_bin_confidence": scaled_bins[0],
-                      "scaled_bin_accuracy": scaled_bins[1], "scaled_bin_count": scaled_bins[2]}
-    return {
+    arrays = {"bin_confidence": confidence, "bin_accuracy": accuracy,
+              "bin_count": count, "scaled_bin_confidence": scaled_bins[0],
+              "scaled_bin_accuracy": scaled_bins[1], "scaled_bin_count": scaled_bins[2]}
+    return _evaluators.Result({
         "ece": metrics.ece(probs, labels, bins),
         "nll": metrics.nll(logits, labels, from_logits=True),
         "brier": metrics.brier(probs, labels),
@@ -72,4 +68,4 @@ class Evaluator:
         "ece_scaled": metrics.ece(scaled, test_labels, bins),
         "nll_scaled": metrics.nll(test_logits / temperature, test_labels, from_logits=True),
         "count": float(len(labels)),
-    }
+    }, arrays)

@@ -15,7 +15,7 @@ from vitcls.configs import ConfigDict
 from vitcls import evaluators as _evaluators
 losses = _evaluators.lazy_import("vitcls.losses")
 metrics = _evaluators.lazy_import("vitcls.metrics")
-_common = _evaluators.lazy_import("vitcls.evaluators._common")
+inference = _evaluators.lazy_import("vitcls.inference")
 sources = _evaluators.lazy_import("vitcls.data.sources")
 
 
@@ -33,26 +33,25 @@ def defaults() -> ConfigDict:
 
 
 class Evaluator:
-  """`run(params)` -> scalars; `artifacts` then holds the confusion matrix and per-class
-  accuracy for the report's plots, and the class names when the dataset has them."""
+  """`run(params)` -> scalars, and as arrays the confusion matrix and per-class accuracy
+  for the report's plots, with the class names when the dataset has them."""
 
   def __init__(self, config, **context):
     train_config = context["train_config"]
-    self.inference = _common.factory(config, **context)(
+    self.inference = inference.factory(config, **context)(
         config.split, extra_keys=(config.slice_by,) if config.slice_by else ())
     self.config = config
     self.loss = losses.get(train_config.loss)
-    self.artifacts: dict[str, np.ndarray] = {}
     try:  # For the report's plots; a label feature without names is numbered there.
       self.class_names = sources.label_names(config.data or train_config.input.data.name,
                                              config.split, train_config.input.data_dir or None)
     except sources.LabelFeatureError:
       self.class_names = None
 
-  def run(self, params) -> dict[str, float]:
+  def run(self, params) -> _evaluators.Result:
     """top1, top5, loss, balanced and worst-class accuracy, count; with `slice_by`, per group."""
     out = self.inference.run(params)
-    logits, labels = out["logits"], _common.class_labels(out["labels"])
+    logits, labels = out["logits"], inference.class_labels(out["labels"])
     confusion = metrics.confusion_matrix(np.argmax(logits, -1), labels, logits.shape[-1])
     per_class = metrics.per_class_accuracy(confusion)
     results = {
@@ -63,9 +62,9 @@ class Evaluator:
         "worst_class_accuracy": metrics.worst_class_accuracy(confusion),
         "count": float(len(labels)),
     }
-    self.artifacts = {"confusion": confusion, "per_class_accuracy": per_class}
+    arrays = {"confusion": confusion, "per_class_accuracy": per_class}
     if self.class_names and len(self.class_names) == logits.shape[-1]:
-      self.artifacts["class_names"] = np.asarray(self.class_names, dtype=str)
+      arrays["class_names"] = np.asarray(self.class_names, dtype=str)
     if self.config.slice_by:
       groups = metrics.group_metrics(logits, labels, out[self.config.slice_by])
       for key, value in groups.items():
@@ -73,4 +72,4 @@ class Evaluator:
           results[f"group_{key}/top1"] = value["top1"]
         else:
           results[key] = value
-    return results
+    return _evaluators.Result(results, arrays)

@@ -8,12 +8,10 @@ accuracies are averaged over seeds. Cheap enough to run during training.
 
 from __future__ import annotations
 
-import numpy as np
-
 from vitcls.configs import ConfigDict
 from vitcls import evaluators as _evaluators
 metrics = _evaluators.lazy_import("vitcls.metrics")
-_common = _evaluators.lazy_import("vitcls.evaluators._common")
+inference = _evaluators.lazy_import("vitcls.inference")
 
 
 def defaults() -> ConfigDict:
@@ -38,19 +36,18 @@ class Evaluator:
   """`run(params)` -> `{k}shot` accuracy for each k in `shots`."""
 
   def __init__(self, config, **context):
-    make = _common.factory(config, **context)
+    make = inference.factory(config, **context)
     self.train = make(config.train_split, max_examples=config.max_train_examples)
     self.test = make(config.split)
     self.config = config
     self.num_classes = config.num_classes or context["train_config"].num_classes
-    self.artifacts: dict[str, np.ndarray] = {}
 
-  def run(self, params) -> dict[str, float]:
+  def run(self, params) -> _evaluators.Result:
     """`{k}shot`: test accuracy of the ridge probe fitted on k shots per class, seed-averaged."""
     train, test = self.train.run(params), self.test.run(params)
-    args = (train["pre_logits"], _common.class_labels(train["labels"]), test["pre_logits"],
-            _common.class_labels(test["labels"]))
-    return {f"{k}shot": float(metrics.fewshot_accuracy(
+    args = (train["pre_logits"], inference.class_labels(train["labels"]), test["pre_logits"],
+            inference.class_labels(test["labels"]))
+    return _evaluators.Result({f"{k}shot": float(metrics.fewshot_accuracy(
         *args, shots=int(k), seeds=range(int(self.config.seeds)),
         num_classes=self.num_classes, l2_reg=float(self.config.l2_reg)))
-        for k in self.config.shots}
+        for k in self.config.shots}, {})

@@ -8,12 +8,10 @@ examples. AP and mAP need no threshold and use the whole split.
 
 from __future__ import annotations
 
-import numpy as np
-
 from vitcls.configs import ConfigDict
 from vitcls import evaluators as _evaluators
 metrics = _evaluators.lazy_import("vitcls.metrics")
-_common = _evaluators.lazy_import("vitcls.evaluators._common")
+inference = _evaluators.lazy_import("vitcls.inference")
 
 
 def defaults() -> ConfigDict:
@@ -30,15 +28,14 @@ def defaults() -> ConfigDict:
 
 
 class Evaluator:
-  """`run(params)` -> map, micro_f1, macro_f1 (+ per-label AP in `artifacts`)."""
+  """`run(params)` -> map, micro_f1, macro_f1; per-label AP as an array."""
 
   def __init__(self, config, **context):
-    make = _common.factory(config, **context)
+    make = inference.factory(config, **context)
     self.inference = make(config.split)
     self.val = make(config.val_split) if config.val_split else None
-    self.artifacts: dict[str, np.ndarray] = {}
 
-  def run(self, params) -> dict[str, float]:
+  def run(self, params) -> _evaluators.Result:
     """map, micro_f1, macro_f1 (thresholds chosen on validation data), count; per-label AP kept."""
     out = self.inference.run(params)
     scores, targets = metrics.sigmoid(out["logits"]), out["labels"] > 0.5
@@ -52,7 +49,8 @@ class Evaluator:
     thresholds = metrics.choose_thresholds(val_scores, val_targets)
     f1 = metrics.f1_scores(test_scores, test_targets, thresholds)
     ap = metrics.average_precision(scores, targets)
-    self.artifacts = {"ap_per_label": ap}
-    return {"map": float(metrics.mean_average_precision(scores, targets)),
-            "micro_f1": float(f1["micro"]), "macro_f1": float(f1["macro"]),
-            "count": float(len(scores))}
+    return _evaluators.Result(
+        {"map": float(metrics.mean_average_precision(scores, targets)),
+         "micro_f1": float(f1["micro"]), "macro_f1": float(f1["macro"]),
+         "count": float(len(scores))},
+        {"ap_per_label": ap})

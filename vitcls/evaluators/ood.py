@@ -12,12 +12,10 @@ cut prediction uses to flag "I don't know".
 
 from __future__ import annotations
 
-import numpy as np
-
 from vitcls.configs import ConfigDict, ConfigError
 from vitcls import evaluators as _evaluators
 metrics = _evaluators.lazy_import("vitcls.metrics")
-_common = _evaluators.lazy_import("vitcls.evaluators._common")
+inference = _evaluators.lazy_import("vitcls.inference")
 
 
 def defaults() -> ConfigDict:
@@ -41,25 +39,25 @@ SCORES = ("msp", "energy", "mahalanobis", "relative_mahalanobis")
 
 
 class Evaluator:
-  """`run(params)` -> `<score>/auroc`, `<score>/aupr`, `<score>/fpr95`, thresholds."""
+  """`run(params)` -> `<score>/auroc`, `<score>/aupr`, `<score>/fpr95`, thresholds; every
+  per-example score as arrays."""
 
   def __init__(self, config, **context):
     if not config.ood_data:
       raise ConfigError("evals: an 'ood' evaluator needs ood_data (a TFDS name or "
                         "folder:PATH of images unlike the training data)")
-    make = _common.factory(config, **context)
+    make = inference.factory(config, **context)
     self.inside = make(config.split)
     self.outside = make(config.ood_split, name=config.ood_data,
                         pp=config.ood_pp or config.pp)
     self.fit = make(config.fit_split, max_examples=config.fit_examples)
     self.num_classes = context["train_config"].num_classes
-    self.artifacts: dict[str, np.ndarray] = {}
 
   def scores(self, params) -> tuple[dict, dict]:
     """Per-example scores of each kind for the in- and out-of-distribution sets."""
     fit = self.fit.run(params)
-    gaussian = metrics.fit_mahalanobis(fit["pre_logits"], _common.class_labels(fit["labels"]),
-                                       self.num_classes)
+    gaussian = metrics.fit_mahalanobis(
+        fit["pre_logits"], inference.class_labels(fit["labels"]), self.num_classes)
     def score(out):
       return {"msp": metrics.msp_score(out["logits"]),
               "energy": metrics.energy_score(out["logits"]),
@@ -68,21 +66,19 @@ class Evaluator:
                   gaussian, out["pre_logits"])}
     return score(self.inside.run(params)), score(self.outside.run(params))
 
-  def run(self, params) -> dict[str, float]:
-    """`<score>/auroc`, `aupr`, `fpr95` and `threshold` per score, count_in and count_out.
-
-    `artifacts` then holds every per-example score, for the report's histograms.
-    """
+  def run(self, params) -> _evaluators.Result:
+    """`<score>/auroc`, `aupr`, `fpr95` and `threshold` per score, count_in and count_out;
+    every per-example score as arrays, for the report's histograms."""
     inside, outside = self.scores(params)
-    results = {}
+    results, arrays = {}, {}
     for kind in SCORES:
       s_in, s_out = inside[kind], outside[kind]
       results[f"{kind}/auroc"] = metrics.auroc(s_in, s_out)
       results[f"{kind}/aupr"] = metrics.aupr(s_in, s_out)
       results[f"{kind}/fpr95"] = metrics.fpr_at_tpr(s_in, s_out, 0.95)
       results[f"{kind}/threshold"] = float(metrics.threshold_at_tpr(s_in, 0.95))
-      self.artifacts[f"in_{kind}"] = s_in
-      self.artifacts[f"out_{kind}"] = s_out
+      arrays[f"in_{kind}"] = s_in
+      arrays[f"out_{kind}"] = s_out
     results["count_in"] = float(len(inside["msp"]))
     results["count_out"] = float(len(outside["msp"]))
-    return results
+    return _evaluators.Result(results, arrays)

@@ -2,31 +2,44 @@
 
 Lookup by name keeps configs plain data (`config.model_name = "vit"`) and keeps the trainer
 free of model imports: adding a model is adding a file to this folder that defines a linen
-module called `Model` (see DESIGN.md, "Contracts other parts rely on").
+module called `Model`: `Model(num_classes=K, **config.model)`, applied as
+`apply({"params": p}, images, train=...) -> (logits, {"pre_logits": ...})` on NHWC images
+in [-1, 1], and optionally a `load` for checkpoints (see `load` below). Which models exist
+and which fields each takes are read from the files' source, so `vitcls.validate` learns
+them before JAX or flax is imported.
 """
 
+from __future__ import annotations
+
+import ast
 import importlib
 import pkgutil
-import re
 from pathlib import Path
 
-_MODEL_CLASS = re.compile(r"^class Model\b", re.MULTILINE)
+
+def _declared_fields(name: str) -> set[str] | None:
+  """The annotated fields of `class Model` in `<name>.py` (None: no such class or file)."""
+  try:
+    source = (Path(__path__[0]) / f"{name}.py").read_text(encoding="utf-8")
+  except OSError:
+    return None
+  for node in ast.parse(source).body:
+    if isinstance(node, ast.ClassDef) and node.name == "Model":
+      return {n.target.id for n in node.body
+              if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+  return None
 
 
 def available() -> list[str]:
   """Names of the model modules in this package (files that define `class Model`)."""
-  names = []
-  for info in pkgutil.iter_modules(__path__):
-    if info.name.startswith("_") or info.ispkg:
-      continue
-    path = Path(__path__[0]) / f"{info.name}.py"
-    try:
-      source = path.read_text(encoding="utf-8")
-    except OSError:
-      continue
-    if _MODEL_CLASS.search(source):
-      names.append(info.name)
-  return sorted(names)
+  return sorted(info.name for info in pkgutil.iter_modules(__path__)
+                if not info.name.startswith("_") and not info.ispkg
+                and _declared_fields(info.name) is not None)
+
+
+def fields(name: str) -> set[str]:
+  """The config fields of model `name`: its `Model`'s dataclass fields but num_classes."""
+  return (_declared_fields(name) or set()) - {"num_classes"}
 
 
 def get(name: str):
@@ -39,19 +52,13 @@ def get(name: str):
 
 
 def build(name: str, num_classes: int, config):
-  """`get(name)(num_classes=..., **config)`, with unknown fields reported as one error."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
+  """`get(name)(num_classes=..., **config)`, its field values checked before any tracing.
+
+  Names and fields are checked by `vitcls.validate` (`models.fields`); the values only
+  the model knows how to check (`Model.validate`) raise ConfigError here.
+  """
   from vitcls.configs import ConfigError  # pylint: disable=g-import-not-at-top
-  try:
-    cls = get(name)
-  except ValueError as e:
-    raise ConfigError(f"config.model_name: {e}") from e
-  known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "num_classes"}
-  for key in config:
-    if key not in known:
-      raise ConfigError(f"unknown config key 'model.{key}' for model '{name}': known "
-                        f"fields are {', '.join(sorted(known))}")
-  model = cls(num_classes=num_classes, **dict(config))
+  model = get(name)(num_classes=num_classes, **dict(config))
   try:
     if hasattr(model, "validate"):  # Models check their fields before any tracing.
       model.validate()
@@ -60,10 +67,16 @@ def build(name: str, num_classes: int, config):
   return model
 
 
-def load(name: str, init_params, path: str, model_config, dont_load=()) -> dict:
-  """`vitcls.models.<name>.load(...)`: `init_params` overwritten from the checkpoint `path`."""
+def load(name: str, init_params, checkpoint, model_config, dont_load=(),
+         origin: str = "") -> dict:
+  """`vitcls.models.<name>.load(...)`: `init_params` overwritten from `checkpoint`.
+
+  `checkpoint` is a params tree of arrays or an `.npz` path: models do not read workdirs
+  (their caller does, with `vitcls.run.checkpoint`), and `origin` then names the workdir
+  in messages.
+  """
   module = importlib.import_module(f"{__name__}.{name}")
   if not hasattr(module, "load"):
     from vitcls.configs import ConfigError  # pylint: disable=g-import-not-at-top
     raise ConfigError(f"config.model_init: model '{name}' cannot import checkpoints")
-  return module.load(init_params, path, model_config, tuple(dont_load))
+  return module.load(init_params, checkpoint, model_config, tuple(dont_load), origin=origin)

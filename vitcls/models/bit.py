@@ -270,17 +270,20 @@ def from_public_layout(tree: dict, source: str = "checkpoint") -> dict:
   return loading.unflatten(renamed)
 
 
-def load(init_params, path: str, model_cfg, dont_load: Sequence[str] = ()) -> dict:
+def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
+         origin: str = "") -> dict:
   """Parameters for a BiT model from a checkpoint, laid onto `init_params`.
 
-  `path`: a public BiT `.npz` (`resnet/...`, e.g. BiT-M-R50x1.npz), a big_vision / vitcls
-  `.npz` (bare or under `params/`), or a vitcls workdir (its latest checkpoint). The head
-  is kept from `init_params` when its shape differs (another class count) or `dont_load`
-  names it; any other mismatch is one CheckpointError naming the parameter and both shapes.
+  `checkpoint`: a params tree (e.g. a vitcls workdir's, read by the caller), or the path
+  of a public BiT `.npz` (`resnet/...`, e.g. BiT-M-R50x1.npz) or a big_vision / vitcls
+  `.npz` (bare or under `params/`); `origin` names it in messages (default: the path). The
+  head is kept from `init_params` when its shape differs (another class count) or
+  `dont_load` names it; any other mismatch is one CheckpointError naming the parameter and
+  both shapes.
   """
   del model_cfg  # Nothing to adapt: convolutions do not depend on the image size.
-  source = f"'{path}'"
-  restored = loading.read_params(path)
+  source = f"'{loading.describe(checkpoint, origin)}'"
+  restored = loading.read_params(checkpoint)
   if isinstance(restored.get("resnet"), dict):
     restored = from_public_layout(restored, source)
   return loading.merge(restored, init_params, dont_load, fresh=[r"head/.*"], source=source)

@@ -1,8 +1,9 @@
 """Reading and writing parameter checkpoints shared by the model files' `load` functions.
 
 Published checkpoints are `.npz` files of flat `/`-joined keys (big_vision,
-vision_transformer, BiT); a vitcls workdir holds orbax checkpoints. `read_params` turns
-either into one nested dict of NumPy arrays; `merge` lays it onto a freshly initialised
+vision_transformer, BiT); a vitcls workdir's params are read by `vitcls.run.checkpoint` and
+arrive here as a tree. `read_params` turns either into one nested dict of NumPy arrays
+(models know nothing of the workdir format); `merge` lays it onto a freshly initialised
 tree, keeping the init where asked (`dont_load`) and failing in one line on any other
 mismatch; `write_npz` writes the flat layout back out. `resample_grid` is the bilinear
 resampling of position embeddings, a pure jnp function a model can also call at apply time.
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitcls.errors import UserError
+from vitcls.run import workdir as wdir
 
 
 class CheckpointError(UserError):
@@ -79,29 +81,36 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 def write_npz(path: str, tree: Mapping) -> None:
   """Writes `tree` as an `.npz` of flat `/`-joined keys; atomically (temp file, rename)."""
   flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
-  with open(tmp, "wb") as f:
+  with wdir.atomic_file(path, "wb") as f:
     np.savez(f, **flat)
-  os.replace(tmp, path)
 
 
-def read_params(path: str) -> dict:
-  """Parameters from an `.npz` file or a vitcls workdir (its latest checkpoint).
+def read_params(checkpoint) -> dict:
+  """Parameters from a params tree (copied: callers may edit the result) or an `.npz` file.
 
   An npz holding a whole training state (`params/...`, `opt/target/...`) gives its
-  parameters; an npz of bare parameters is returned as it is.
+  parameters; an npz of bare parameters is returned as it is. A vitcls workdir is read by
+  its caller (`vitcls.run.checkpoint.load_params`), which passes the tree.
   """
-  if os.path.isdir(path):
-    from vitcls import checkpoint  # pylint: disable=g-import-not-at-top
-    return checkpoint.load_params(path)
-  tree = unflatten(read_npz(path))
+  if isinstance(checkpoint, Mapping):
+    return unflatten(flatten(checkpoint))
+  if os.path.isdir(checkpoint):
+    raise CheckpointError(f"checkpoint '{checkpoint}' is a folder: pass an .npz file, or "
+                          f"the params of a vitcls workdir (vitcls.run.checkpoint.load_params)")
+  tree = unflatten(read_npz(checkpoint))
   if isinstance(tree.get("params"), dict):
     return tree["params"]
   if isinstance(tree.get("opt"), dict) and isinstance(tree["opt"].get("target"), dict):
     return tree["opt"]["target"]
   return tree
+
+
+def describe(checkpoint, origin: str = "") -> str:
+  """How messages name a checkpoint: `origin` (where the caller read the tree), else its
+  path, else 'given params'."""
+  if origin:
+    return origin
+  return "given params" if isinstance(checkpoint, Mapping) else str(checkpoint)
 
 
 def resample_grid(grid, new_hw: tuple[int, int]):

@@ -388,25 +388,28 @@ def resample_posemb(old, new_length: int):
   return np.asarray(grid).reshape(1, new_length, -1)
 
 
-def load(init_params, path: str, model_cfg, dont_load: Sequence[str] = ()) -> dict:
+def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
+         origin: str = "") -> dict:
   """Parameters for a model of `model_cfg` from a checkpoint, adapted to it.
 
-  `path`: a vision_transformer / AugReg or big_vision `.npz` (bare, or under `params/`;
-  per-block or stacked blocks), or a vitcls workdir (its latest checkpoint).
+  `checkpoint`: a params tree (e.g. a vitcls workdir's, read by the caller), or the path
+  of a vision_transformer / AugReg or big_vision `.npz` (bare, or under `params/`;
+  per-block or stacked blocks); `origin` names it in messages (default: the path).
   Adapting: blocks stacked or split to match `model_cfg.scan`; the position embedding
   resampled to the model's patch grid; `pre_logits` dropped when the model has no
   `rep_size` (the head, trained on its output, is then fresh too); the head kept from
   `init_params` when its shape differs (another class count) or `dont_load` names it.
   Any other mismatch is one CheckpointError naming the parameter and both shapes.
   """
-  restored = _match_scan(_to_current_layout(loading.read_params(path)),
+  what = loading.describe(checkpoint, origin)
+  restored = _match_scan(_to_current_layout(loading.read_params(checkpoint)),
                          bool(model_cfg.get("scan", False)))
   fresh = [r"head/.*"]
   if "pre_logits" in restored and "pre_logits" not in init_params:
-    logging.info("Dropping pre_logits of %s: the model has no rep_size.", path)
+    logging.info("Dropping pre_logits of %s: the model has no rep_size.", what)
     del restored["pre_logits"]
     restored.pop("head", None)
   if "pos_embedding" in restored and "pos_embedding" in init_params:
     restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
                                                 np.shape(init_params["pos_embedding"])[1])
-  return loading.merge(restored, init_params, dont_load, fresh=fresh, source=f"'{path}'")
+  return loading.merge(restored, init_params, dont_load, fresh=fresh, source=f"'{what}'")

@@ -1,4 +1,5 @@
-"""Builds the pure pieces of a run from a resolved config, with no effects.
+"""Builds the pieces of a run from a resolved config: it reads the data (and the
+`model_init` weights) onto devices and jits the steps; the loop writes the files.
 
 `build(config)` gives the mesh, data stream, model, optimiser, state shardings and the
 compiled train step: what `vitcls.train` loops over and what `benchmarks/` measure, so
@@ -15,8 +16,11 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from vitcls import configs, losses, mixing, models, optim, sharding, state, steps
-from vitcls.data import device_pp, pipeline, preprocess, sources
+from vitcls import configs, losses, models, optim, sharding, state, steps, validate
+from vitcls.data import pipeline, sources
+from vitcls.data import pp as pp_lib
+from vitcls.data.pp import device as pp_device
+from vitcls.run import checkpoint
 
 
 @dataclasses.dataclass
@@ -26,7 +30,7 @@ class Run:
   mesh: jax.sharding.Mesh
   batch_sharding: jax.sharding.NamedSharding
   source: Any
-  pp: preprocess.Preprocess
+  pp: pp_lib.Preprocess  # The whole spec on the host (with input.on_device too).
   total_steps: int
   model: Any
   schedule: Callable[[int], Any]
@@ -36,6 +40,8 @@ class Run:
   # With `input.on_device`: the prepared training split on every device; batches are
   # then {"_index": example indices} and `train_step` gathers and augments them.
   device_data: dict[str, jax.Array] | None = None
+  # With `input.balanced_sampling`: the training split's labels, read once by `build`.
+  balanced_labels: np.ndarray | None = None
 
   @property
   def num_params(self) -> int:
@@ -52,8 +58,11 @@ class Run:
       return init()
     # Computed on each host, unsharded: identical everywhere, so every process loads alike.
     fresh = jax.device_get(jax.jit(lambda: self.init_fn().params)())
-    params = models.load(c.model_name, fresh, c.model_init, c.model,
-                         c.model_load.dont_load)
+    weights = c.model_init  # An .npz path, or a workdir whose newest intact params are read.
+    if os.path.isdir(c.model_init):
+      weights = checkpoint.load_params(c.model_init)
+    params = models.load(c.model_name, fresh, weights, c.model, c.model_load.dont_load,
+                         origin=c.model_init)
     return init(params)
 
   def _index_batches(self, start_step: int, labels) -> Iterator[dict[str, jax.Array]]:
@@ -76,10 +85,7 @@ class Run:
 
   def batches(self, start_step: int) -> Iterator[dict[str, jax.Array]]:
     """Global batches of steps start_step+1, start_step+2, ... (see data.pipeline)."""
-    c = self.config
-    labels = None
-    if c.input.balanced_sampling:
-      labels = sources.labels(c.input.data.name, c.input.data.split, c.input.data_dir or None)
+    c, labels = self.config, self.balanced_labels
     if self.device_data is not None:
       return self._index_batches(start_step, labels)
     source, pp = self.source, self.pp
@@ -123,22 +129,20 @@ class _DeviceInputStep:
     return self._jitted.lower(train_state, self._data, batch)
 
 
-def _device_data(source, spec: str, mesh) -> dict[str, jax.Array]:
-  """The training split through the host prefix of `spec`, replicated on every device."""
-  data = device_pp.load(source, spec)
-  device_pp.check_labels(data, spec)
+def _device_data(plan: pp_lib.Plan, mesh) -> dict[str, jax.Array]:
+  """The training split through the plan's host part, replicated on every device."""
+  data = pp_device.load(plan.source, plan.host)
+  pp_device.check_labels(data, plan.device)
   whole = sharding.replicated(mesh)
   return {k: jax.make_array_from_callback(v.shape, whole, lambda i, v=v: v[i])
           for k, v in data.items()}
 
 
-def _device_input_step(core, spec: str, shardings, batch_sharding, mesh):
-  augment = device_pp.augmenter(spec)
-
+def _device_input_step(core, augment, shardings, batch_sharding, mesh):
   def step(train_state, data, batch):
-    examples = device_pp.gather(data, batch["_index"])
+    examples = pp_device.gather(data, batch["_index"])
     examples = jax.lax.with_sharding_constraint(examples, batch_sharding)
-    examples = augment(examples, device_pp.augmentation_key(train_state.rng,
+    examples = augment(examples, pp_device.augmentation_key(train_state.rng,
                                                             train_state.step))
     return core(train_state, examples)
 
@@ -152,28 +156,20 @@ def _finishing_on_device(core, finish):
   return step
 
 
-def step_options(config, num_devices: int) -> steps.StepOptions:
-  """Checks the train step's fields (loss, mixing, accumulation, EMA) and resolves them.
+def step_options(config) -> steps.StepOptions:
+  """The train step's fields (loss, mixing, accumulation, EMA), checked by `validate`.
 
   Class weights "balanced" read the training split's label counts here, once.
   """
-  losses.get(config.loss)
-  mixing.validate(config.mixup.alpha, config.mixup.p, config.cutmix.alpha,
-                  config.mix_switch_prob)
-  accum, batch = config.grad_accum_steps, config.input.batch_size
-  if not isinstance(accum, int) or accum < 1 or batch % (accum * num_devices):
-    raise configs.ConfigError(
-        f"grad_accum_steps {accum} must be a positive integer dividing the per-device "
-        f"batch (input.batch_size {batch} over {num_devices} devices)")
-  if not 0.0 <= config.ema_decay < 1.0:
-    raise configs.ConfigError(f"ema_decay must be in [0, 1) (0 turns EMA off), got "
-                              f"{config.ema_decay}")
   data = config.input.data
-  weights = losses.resolve_class_weights(
-      config.class_weights,
-      lambda: sources.label_counts(data.name, data.split, config.input.data_dir or None,
-                                   num_classes=config.num_classes),
-      config.num_classes)
+
+  def counts():
+    found = sources.label_counts(data.name, data.split, config.input.data_dir or None,
+                                 num_classes=config.num_classes)
+    validate.check_class_counts(found, config.num_classes)
+    return found
+
+  weights = losses.resolve_class_weights(config.class_weights, counts)
   return steps.StepOptions.from_config(config, weights)
 
 
@@ -183,7 +179,7 @@ def state_and_step(config, mesh, model, image_shape, total_steps: int):
   The train step is not jitted yet. `build` and the benchmarks that time the step on
   synthetic inputs share this, so both run the same state and step.
   """
-  options = step_options(config, mesh.size)
+  options = step_options(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
   init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
                                ema=bool(config.ema_decay),
@@ -197,39 +193,45 @@ def state_and_step(config, mesh, model, image_shape, total_steps: int):
 
 
 def build(config) -> Run:
-  """Validates what the config names (data, pp, model, optimiser, mesh) and builds it."""
+  """Checks the config (`vitcls.validate`, on these devices) and builds what it names.
+
+  In-process callers (tests, notebooks, `run.loop.train`) get the CLI's one-line errors.
+  """
+  validate.check(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   batch_sharding = sharding.batch_sharding(mesh)
-  source = sources.get_source(config.input.data.name, config.input.data.split,
-                              config.input.data_dir or None,
-                              encoded_images=preprocess.decodes_first(config.input.pp))
-  host_spec, tail = config.input.pp, []
-  if config.input.normalize_on_device and not config.input.on_device:
-    host_spec, tail = device_pp.host_and_tail(config.input.pp, source)
-  pp = preprocess.parse(host_spec)
+  data, data_dir = config.input.data, config.input.data_dir or None
+  plan = pp_lib.plan(
+      config.input.pp,
+      lambda encoded: sources.get_source(data.name, data.split, data_dir,
+                                         encoded_images=encoded),
+      on_device=config.input.on_device,
+      normalize_on_device=config.input.normalize_on_device)
+  source = plan.source
+  pp = plan.whole if plan.resident else plan.host
+  labels = None
+  if config.input.balanced_sampling:
+    labels = sources.labels(data.name, data.split, data_dir)
   total_steps = configs.total_steps(config, len(source))
-  if config.input.batch_size % mesh.size:
-    raise configs.ConfigError(f"input.batch_size {config.input.batch_size} is not "
-                              f"divisible by the {mesh.size} devices of the mesh")
+  validate.check_built(config, total_steps=total_steps,
+                       optax_arguments=optim.optimizer_arguments(config.optax_name))
   model = models.build(config.model_name, config.num_classes, config.model)
-  if config.model_init and not os.path.exists(config.model_init):
-    raise configs.ConfigError(f"config.model_init: '{config.model_init}' does not exist: "
-                              f"give an .npz checkpoint or a vitcls workdir")
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
   init_fn, abstract, shardings, schedule, core = state_and_step(
       config, mesh, model, image_shape, total_steps)
   device_data = None
-  if config.input.on_device:
-    device_data = _device_data(source, config.input.pp, mesh)
+  if plan.resident:
+    device_data = _device_data(plan, mesh)
     train_step = _DeviceInputStep(
-        _device_input_step(core, config.input.pp, shardings, batch_sharding, mesh),
+        _device_input_step(core, plan.augmenter(), shardings, batch_sharding, mesh),
         device_data)
   else:
-    if tail:
-      core = _finishing_on_device(core, device_pp.finisher(tail))
+    if plan.device:
+      core = _finishing_on_device(core, plan.finisher())
     train_step = jax.jit(core, in_shardings=(shardings, batch_sharding),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0)
   return Run(config=config, mesh=mesh, batch_sharding=batch_sharding, source=source, pp=pp,
              total_steps=total_steps, model=model, schedule=schedule, init_fn=init_fn,
-             abstract_state=abstract, train_step=train_step, device_data=device_data)
+             abstract_state=abstract, train_step=train_step, device_data=device_data,
+             balanced_labels=labels)

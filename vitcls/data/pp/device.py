@@ -1,13 +1,16 @@
-"""Training data kept whole on the devices, augmented inside the jitted train step.
+"""JAX twins of pp ops, and the training split kept whole on the devices.
+
+The plan (vitcls.data.pp.planning) decides which calls of a spec run in the jitted step;
+this module builds them: `augmenter` for `input.on_device` (random ops, drawing from the
+step's key) and `finisher` for `input.normalize_on_device` (closing value_range /
+normalize, drawing nothing). Each twin is named by its op's registry entry
+(`OpInfo.jax_twin`) and takes the host op's arguments.
 
 For a dataset that fits in device memory (mnist5k is 3 MB), the host pipeline is pure
 overhead: on a CPU-only machine its threads take cores from the step, and on an
-accelerator they feed it through PCIe. With `config.input.on_device`, the pp spec is
-split at its first random op:
-
-  * the prefix (decode, resize, crops that do not draw, ...) runs once per example on
-    the host, and the results are stacked and placed on every device;
-  * the rest runs in the train step, on the global batch, as the JAX ops below.
+accelerator they feed it through PCIe. With `config.input.on_device`, the host part
+runs once per example (`load`), the results are stacked and placed on every device, and
+the step gathers its batch (`gather`) and augments it.
 
 What stays the same: which examples make up the batch of step k (the index stream is
 `pipeline.train_dataset` over example indices, shuffled or class-balanced exactly as the
@@ -15,54 +18,45 @@ host pipeline), and the contract that the batch of step k is a pure function of
 (seed, k), so a resumed run trains on the same batches. What differs from the host ops:
 the augmentation draws come from JAX's PRNG (key `fold_in(state.rng, step)`, then
 `_AUG_SALT`, then the example's position in the global batch, then the op's position in
-the spec) instead of NumPy's, so the two modes see differently shifted images.
+the device part) instead of NumPy's, so the two modes see differently shifted images.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitcls.data import preprocess
-from vitcls.errors import UserError, shown
+from vitcls.data.pp import label, registry
+from vitcls.data.pp.image import normalize_constants
+from vitcls.data.pp.registry import DeviceInputError
+from vitcls.errors import shown
 
 _AUG_SALT = 0x617567  # "aug": keeps augmentation draws apart from dropout and mixing.
 MAX_BYTES = 4 << 30  # Datasets above this stay on the host pipeline.
 
 Batch = dict[str, jax.Array]
 DeviceOp = Callable[[Batch, jax.Array], Batch]  # (global batch, per-example keys [B]).
-_DEVICE_OPS: dict[str, Callable[..., DeviceOp]] = {}
 
 
-class DeviceInputError(UserError):
-  """`input.on_device` was asked for a spec or dataset it cannot serve."""
+def _device_ops(calls: Sequence[registry.Call]) -> list[DeviceOp]:
+  ops = []
+  for text, name, args, kwargs in calls:
+    try:
+      ops.append(registry.get(name).jax_factory()(*args, **kwargs))
+    except (TypeError, ValueError) as e:
+      raise DeviceInputError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
+  return ops
 
 
-def _device_op(name: str):
-  def wrap(factory):
-    _DEVICE_OPS[name] = factory
-    return factory
-  return wrap
-
-
-def split(spec: str):
-  """(host prefix spec, device ops as (text, name, args, kwargs)); see preprocess."""
-  try:
-    return preprocess.split_for_device(spec)
-  except preprocess.PreprocessError as e:
-    raise DeviceInputError(str(e)) from e
-
-
-def augmenter(spec: str) -> Callable[[Batch, jax.Array], Batch]:
-  """`augment(batch, key)`: the device part of `spec` on a global batch.
+def augmenter(calls: Sequence[registry.Call]) -> Callable[[Batch, jax.Array], Batch]:
+  """`augment(batch, key)`: the calls (a plan's device part) on a global batch.
 
   Example i of the batch draws from `fold_in(key, i)`, op j from `fold_in(that, j)`:
   nothing depends on how the batch is split over devices or processes.
   """
-  _, calls = split(spec)
   ops = _device_ops(calls)
 
   def augment(batch: Batch, key: jax.Array) -> Batch:
@@ -75,19 +69,10 @@ def augmenter(spec: str) -> Callable[[Batch, jax.Array], Batch]:
   return augment
 
 
-def _device_ops(calls) -> list[DeviceOp]:
-  ops = []
-  for text, name, args, kwargs in calls:
-    try:
-      ops.append(_DEVICE_OPS[name](*args, **kwargs))
-    except (TypeError, ValueError) as e:
-      raise DeviceInputError(f"bad arguments for pp op {shown(text)}: {shown(e)}") from e
-  return ops
-
-
-def finisher(calls) -> Callable[[Batch], Batch]:
-  """`input.normalize_on_device`: the closing value_range / normalize ops of a host spec
-  (`preprocess.split_device_tail`'s calls) on a global batch; they draw nothing."""
+def finisher(calls: Sequence[registry.Call]) -> Callable[[Batch], Batch]:
+  """`finish(batch)`: calls that draw nothing (a plan's closing value_range / normalize
+  under `input.normalize_on_device`) on a global batch, in the host's float32 arithmetic,
+  within an ulp of it."""
   ops = _device_ops(calls)
 
   def finish(batch: Batch) -> Batch:
@@ -98,44 +83,22 @@ def finisher(calls) -> Callable[[Batch], Batch]:
   return finish
 
 
-def host_and_tail(spec: str, source) -> tuple[str, list]:
-  """(host spec, device tail) for `input.normalize_on_device`.
-
-  The spec's closing value_range / normalize ops (`preprocess.split_device_tail`) move
-  to the device when the image is uint8 just before them (checked on `source[0]`), so
-  batches cross to the device as uint8, a quarter of float32's bytes (and worker
-  processes hand the main process a quarter); `finisher(tail)` then computes them in
-  the same float32 arithmetic, within an ulp of the host's. Otherwise (spec, []).
-  """
-  host, tail = preprocess.split_device_tail(spec)
-  if not tail:
-    return spec, []
-  example = preprocess.parse(host)(source[0], np.random.default_rng(0))
-  for _, name, args, kwargs in tail:
-    key = preprocess.op_arguments(name, args, kwargs).get("key", "image")
-    if getattr(example.get(key), "dtype", None) != np.uint8:
-      return spec, []  # Float or absent there: the host finishes as written.
-  return host, tail
-
-
 def augmentation_key(rng: jax.Array, step: jax.Array) -> jax.Array:
   """The key of step `step`'s augmentation, from the state's rng as dropout's is."""
   return jax.random.fold_in(jax.random.fold_in(rng, step), _AUG_SALT)
 
 
-def load(source, spec: str) -> dict[str, np.ndarray]:
-  """Every example of `source` through the host prefix of `spec`, stacked per feature.
+def load(source, host: registry.Preprocess) -> dict[str, np.ndarray]:
+  """Every example of `source` through `host` (a resident plan's host part), stacked.
 
   Only numeric features that have one shape across examples are kept (file paths and
-  ragged features stay behind, as they do in batches); the host prefix draws nothing,
-  so its results do not depend on a seed.
+  ragged features stay behind, as they do in batches); the host part draws nothing, so
+  its results do not depend on a seed.
   """
-  prefix, _ = split(spec)
-  pp = preprocess.parse(prefix)
   rng = np.random.default_rng(0)  # Unused by deterministic ops; required by the API.
   columns: dict[str, list] = {}
   for i in range(len(source)):
-    example = pp(source[i], rng)
+    example = host(source[i], rng)
     for key, value in example.items():
       value = np.asarray(value)
       if value.dtype.kind in "biufc":
@@ -158,6 +121,21 @@ def gather(data: dict[str, jax.Array], index: jax.Array) -> Batch:
   return {key: jnp.take(values, index, axis=0) for key, values in data.items()}
 
 
+def check_labels(data: dict[str, np.ndarray], calls: Sequence[registry.Call]) -> None:
+  """The host `onehot` rejects a label outside its depth; so does the device part, once."""
+  for _, name, args, kwargs in calls:
+    if name != "onehot":
+      continue
+    depth = int(args[0] if args else kwargs["depth"])
+    key = kwargs.get("key", args[1] if len(args) > 1 else "label")
+    if key in data and data[key].size:
+      bad = data[key][(data[key] < 0) | (data[key] >= depth)]
+      if bad.size:
+        raise DeviceInputError(f"label {int(bad[0])} is outside onehot({depth})")
+
+
+# The twins, each named in its op's registration.
+
 def _on_key(key: str, fn: Callable[[jax.Array, jax.Array], jax.Array]) -> DeviceOp:
   """Applies `fn(image, key)` to each example's `key` feature."""
   def op(batch, keys):
@@ -166,8 +144,7 @@ def _on_key(key: str, fn: Callable[[jax.Array, jax.Array], jax.Array]) -> Device
   return op
 
 
-@_device_op("random_shift")
-def _random_shift(max_px, key="image") -> DeviceOp:
+def random_shift(max_px, key="image") -> DeviceOp:
   """As the host op: shift by (dy, dx) each uniform in [-max_px, max_px], zeros fill."""
   m = int(max_px)
   if m < 0:
@@ -180,8 +157,7 @@ def _random_shift(max_px, key="image") -> DeviceOp:
   return _on_key(key, shift)
 
 
-@_device_op("random_crop")
-def _random_crop(size, width=None, key="image") -> DeviceOp:
+def random_crop(size, width=None, key="image") -> DeviceOp:
   """As the host op: a (size, width or size) window at a uniformly random position."""
   h, w = int(size), int(size if width is None else width)
 
@@ -195,14 +171,12 @@ def _random_crop(size, width=None, key="image") -> DeviceOp:
   return _on_key(key, crop)
 
 
-@_device_op("flip_lr")
-def _flip_lr(key="image") -> DeviceOp:
+def flip_lr(key="image") -> DeviceOp:
   """As the host op: left-right flip with probability 1/2."""
   return _on_key(key, lambda img, k: jnp.where(jax.random.bernoulli(k), img[:, ::-1], img))
 
 
-@_device_op("value_range")
-def _value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> DeviceOp:
+def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> DeviceOp:
   """As the host op: [in_min, in_max] linearly to [vmin, vmax], float32."""
   scale = (vmax - vmin) / (in_max - in_min)
 
@@ -214,10 +188,9 @@ def _value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> 
   return op
 
 
-@_device_op("normalize")
-def _normalize(mean, std, key="image") -> DeviceOp:
+def normalize(mean, std, key="image") -> DeviceOp:
   """As the host op: float32 (x - 255 mean) / (255 std), per channel."""
-  mean255, std255 = preprocess.normalize_constants(mean, std)
+  mean255, std255 = normalize_constants(mean, std)
 
   def op(batch, keys):
     del keys
@@ -226,8 +199,7 @@ def _normalize(mean, std, key="image") -> DeviceOp:
   return op
 
 
-@_device_op("onehot")
-def _onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> DeviceOp:
+def onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> DeviceOp:
   """As the host op: a float32 one-hot of the integer `key` (labels were checked on load)."""
   def op(batch, keys):
     del keys
@@ -237,24 +209,5 @@ def _onehot(depth, key="label", key_result="labels", on=1.0, off=0.0) -> DeviceO
   return op
 
 
-# `keep` and `drop` only choose dict keys and draw nothing: the host ops serve batches.
-for _name in ("keep", "drop"):
-  _DEVICE_OPS[_name] = preprocess._REGISTRY[_name]  # pylint: disable=protected-access
-
-
-def check_labels(data: dict[str, np.ndarray], spec: str) -> None:
-  """The host `onehot` rejects a label outside its depth; so does the device path, once."""
-  for _, name, args, kwargs in split(spec)[1]:
-    if name != "onehot":
-      continue
-    depth = int(args[0] if args else kwargs["depth"])
-    key = kwargs.get("key", args[1] if len(args) > 1 else "label")
-    if key in data and data[key].size:
-      bad = data[key][(data[key] < 0) | (data[key] >= depth)]
-      if bad.size:
-        raise DeviceInputError(f"label {int(bad[0])} is outside onehot({depth})")
-
-
-def available_ops() -> list[str]:
-  """The ops with a JAX twin (`preprocess.ON_DEVICE_OPS` names the same, JAX-free)."""
-  return sorted(_DEVICE_OPS)
+keep = label.keep  # Only choose dict keys and draw nothing: the host ops serve batches.
+drop = label.drop

@@ -1,4 +1,4 @@
-"""One training run per workdir: a lock file that names its holder.
+"""One training run per workdir, one sweep per sweep folder: a lock file naming its holder.
 
 Two trainers on one workdir interleave their checkpoints and metrics and ruin the run, and
 neither orbax nor TensorBoard notices. So the trainer holds `WORKDIR/train.lock` while it
@@ -15,7 +15,9 @@ gone is decided
 Taking over is exclusive too: a starter first creates `train.lock.takeover` (O_EXCL), judges
 the lock again under it, moves it away by rename and checks that what it moved is the very
 file it judged (by content: inodes are reused), so of several starters racing for one stale
-lock exactly one wins.
+lock exactly one wins. A sweep holds its folder's `.sweep.lock` the same way
+(`WorkdirLock(folder, name=SWEEP_LOCK_FILE, user="sweep")`), so a second sweep runner
+there stops at once too.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ from typing import NamedTuple
 from absl import logging
 
 from vitcls.errors import UserError, shown
+from vitcls.run import workdir as wdir
 
-LOCK_FILE = "train.lock"
 STALE_AFTER_S = 600.0  # A lock of another machine untouched this long is stale.
 _HEARTBEAT_S = 60.0  # The holder touches the file this often (at most stale_after / 5).
 _TAKEOVER_STALE_S = 60.0  # A takeover mutex older than this was left by a dead starter.
 
 
 class WorkdirLockedError(UserError):
-  """Another live training run holds the workdir."""
+  """Another live training run (or sweep) holds the workdir."""
 
 
 class WorkdirLockLostError(UserError):
@@ -166,12 +168,17 @@ class WorkdirLock:
   """`with WorkdirLock(workdir):` holds the workdir's lock, or raises WorkdirLockedError.
 
   Whose a lock file is is told by its content (a random token per acquisition), never by
-  its inode: a removed file's inode is soon given to the next file created.
+  its inode: a removed file's inode is soon given to the next file created. `name` is the
+  lock file, `user` what holds it and `instead` what else to do, in messages: a "training
+  run" (`train.lock`) or a "sweep" (`.sweep.lock` of a sweep's folder).
   """
 
-  def __init__(self, workdir: str, *, stale_after: float = STALE_AFTER_S):
+  def __init__(self, workdir: str, *, stale_after: float = STALE_AFTER_S,
+               name: str = wdir.TRAIN_LOCK_FILE, user: str = "training run",
+               instead: str = "train in another --workdir"):
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = os.path.join(workdir, name)
+    self.user, self.instead = user, instead
     self.stale_after = float(stale_after)
     self._interval = min(_HEARTBEAT_S, self.stale_after / 5)
     self._me: Holder | None = None
@@ -199,7 +206,7 @@ class WorkdirLock:
         return self
       time.sleep(0.02)  # Someone else is taking it over, or created it: look again.
     raise WorkdirLockedError(f"could not take the lock {shown(self.path)}: it keeps changing; "
-                             f"check that no other training run uses this workdir")
+                             f"check that no other {self.user} uses this workdir")
 
   def release(self) -> None:
     """Stops the heartbeat and removes the lock file if it is still ours."""
@@ -231,7 +238,7 @@ class WorkdirLock:
       if seen.age <= self.stale_after:
         raise WorkdirLockedError(
             f"workdir {shown(self.workdir)} is locked by {shown(self.path)}, which cannot be "
-            f"read ({seen.problem}): if no training run uses this workdir, delete that file")
+            f"read ({seen.problem}): if no {self.user} uses this workdir, delete that file")
       return f"it cannot be read ({seen.problem}) and is {seen.age / 60:.0f} min old"
     why = _gone(seen.holder, seen.age, self.stale_after)
     if why is None:
@@ -243,14 +250,13 @@ class WorkdirLock:
     if holder.host != socket.gethostname():
       hint = (f"; if it is gone, its lock is taken over once it is "
               f"{self.stale_after / 60:g} min without a heartbeat")
-    return (f"workdir {shown(self.workdir)} is in use by another training run "
-            f"({holder.describe()}): wait for it to end or stop it, or train in another "
-            f"--workdir{hint}")
+    return (f"workdir {shown(self.workdir)} is in use by another {self.user} "
+            f"({holder.describe()}): wait for it to end or stop it, or {self.instead}{hint}")
 
   def _create(self) -> bool:
     """Creates the lock file holding our JSON, atomically; False if it exists."""
     data = json.dumps(dataclasses.asdict(self._me), indent=1) + "\n"
-    tmp = f"{self.path}.{self._me.token}.tmp"
+    tmp = wdir.temp_path(self.path)
     with open(tmp, "w") as f:
       f.write(data)
       f.flush()
@@ -328,8 +334,8 @@ class WorkdirLock:
       if not self._create():
         return False
       who = seen.holder.describe() if seen.holder else "unknown holder"
-      logging.warning("Took over the lock of workdir %s from a training run that is gone "
-                      "(%s): %s.", self.workdir, who, why)
+      logging.warning("Took over the lock of workdir %s from a %s that is gone (%s): %s.",
+                      self.workdir, self.user, who, why)
       return True
     finally:
       if _read(mutex) == mine:
@@ -381,7 +387,7 @@ class WorkdirLock:
   def _lost_message(self) -> str:
     seen = self._inspect()
     other = seen.holder.describe() if seen and seen.holder else "unknown holder"
-    return (f"this run lost the lock of workdir {shown(self.workdir)} to another training run "
+    return (f"this run lost the lock of workdir {shown(self.workdir)} to another {self.user} "
             f"({other}), which judged it stale: stopping so that only one run writes there")
 
   def _start_heartbeat(self) -> None:

@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-SUPERSEDED_DIR = "superseded"
+from vitcls.run import workdir as wdir
+
 
 
 class _Superseded:
@@ -41,7 +42,7 @@ class _Superseded:
 
   def __call__(self) -> str:
     if self._path is None:
-      root = os.path.join(self._workdir, SUPERSEDED_DIR)
+      root = os.path.join(self._workdir, wdir.SUPERSEDED_DIR)
       os.makedirs(root, exist_ok=True)
       for k in range(10_000):
         path = os.path.join(root, f"after_step_{self._step}" + (f".{k}" if k else ""))
@@ -56,10 +57,9 @@ class _Superseded:
     return self._path
 
 
-def _step_of_line(line: str) -> int | None:
+def _step_of_row(row: dict | None) -> int | None:
   try:
-    row = json.loads(line)
-    return int(row.get("step", 0)) if isinstance(row, dict) else None
+    return int(row.get("step", 0)) if row is not None else None
   except (ValueError, TypeError):
     return None  # A line cut short by a kill, or garbage.
 
@@ -69,24 +69,16 @@ def truncate_jsonl(path: str, resume_step: int, superseded: Callable[[], str]) -
 
   The dropped lines (and unreadable ones) go to `superseded()/<name>`.
   """
-  if not os.path.exists(path):
-    return 0
-  with open(path) as f:
-    lines = [l if l.endswith("\n") else l + "\n" for l in f if l.strip()]
   keep, drop = [], []
-  for line in lines:
-    step = _step_of_line(line)
+  for line, row in wdir.metrics_lines(path):
+    step = _step_of_row(row)
     (keep if step is not None and step <= resume_step else drop).append(line)
   if not drop:
     return 0
   with open(os.path.join(superseded(), os.path.basename(path)), "a") as f:
     f.writelines(drop)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with wdir.atomic_file(path) as f:
     f.writelines(keep)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
   return len(drop)
 
 
@@ -126,15 +118,11 @@ def truncate_event_files(workdir: str, resume_step: int,
       writer = record_writer.RecordWriter(f)
       for record in drop:
         writer.write(record)
-    # No "tfevents" in the temporary name: TensorBoard must not read it as an event file.
-    tmp = os.path.join(workdir, f".events-rewrite-{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    # The temporary name holds no "tfevents": TensorBoard does not read it as events.
+    with wdir.atomic_file(path, "wb") as f:
       writer = record_writer.RecordWriter(f)
       for record in keep:
         writer.write(record)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
     dropped += len(drop)
   return dropped
 
@@ -189,7 +177,7 @@ def _truncate_for_resume(workdir: str, resume_step: int | None) -> str:
   """Sets aside what `metrics.jsonl` and the event files hold past `resume_step`."""
   step = resume_step or 0
   superseded = _Superseded(workdir, step)
-  jsonl = os.path.join(workdir, "metrics.jsonl")
+  jsonl = wdir.metrics_path(workdir)
   truncate_jsonl(jsonl, step, superseded)
   truncate_event_files(workdir, step, superseded)
   return jsonl

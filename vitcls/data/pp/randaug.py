@@ -39,7 +39,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from vitcls.data import preprocess
+from vitcls.data.pp.image import from_pil, on_key, to_pil
+from vitcls.data.pp.registry import Op, PreprocessError, register
 
 MAX_LEVEL = 10.0  # The paper's magnitude scale.
 FILL = 128  # Grey fill of geometric ops and Cutout, per channel.
@@ -173,17 +174,15 @@ def _fill(img: np.ndarray):
 
 def rotate(img: np.ndarray, degrees: float) -> np.ndarray:
   """Rotates counter-clockwise by `degrees` about the centre, same size, grey fill."""
-  rotated = preprocess.to_pil(img).rotate(degrees, resample=Image.NEAREST,
-                                          fillcolor=_fill(img))
-  return preprocess.from_pil(rotated)
+  rotated = to_pil(img).rotate(degrees, resample=Image.NEAREST, fillcolor=_fill(img))
+  return from_pil(rotated)
 
 
 def _affine(img: np.ndarray, coeffs) -> np.ndarray:
   """Output pixel (x, y) takes input pixel round(A (x, y)) for PIL's affine `coeffs`."""
-  moved = preprocess.to_pil(img).transform((img.shape[1], img.shape[0]), Image.AFFINE,
-                                           coeffs, resample=Image.NEAREST,
-                                           fillcolor=_fill(img))
-  return preprocess.from_pil(moved)
+  moved = to_pil(img).transform((img.shape[1], img.shape[0]), Image.AFFINE, coeffs,
+                                resample=Image.NEAREST, fillcolor=_fill(img))
+  return from_pil(moved)
 
 
 def shear_x(img: np.ndarray, level: float) -> np.ndarray:
@@ -269,7 +268,7 @@ def randaugment(img: np.ndarray, num_layers: int, magnitude: float, ops: Sequenc
                 rng: np.random.Generator) -> np.ndarray:
   """`num_layers` operations drawn uniformly (with replacement) from `ops`, in turn."""
   if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] not in (1, 3):
-    raise preprocess.PreprocessError(
+    raise PreprocessError(
         f"randaug works on uint8 images with 1 or 3 channels, got {img.dtype} of shape "
         f"{img.shape}: put it before value_range / normalize")
   for _ in range(num_layers):
@@ -289,8 +288,8 @@ def _op_names(ops: Union[str, Sequence[str]]) -> tuple[str, ...]:
   return names
 
 
-@preprocess.register("randaug")
-def _randaug(num_layers=2, magnitude=10, key="image", ops="big_vision") -> preprocess.Op:
+@register("randaug", random=True)
+def randaug(num_layers=2, magnitude=10, key="image", ops="big_vision") -> Op:
   """RandAugment: `num_layers` random operations at `magnitude` (0..10 scale, or above).
 
   ops: "big_vision" (default) for big_vision's 16 operations: AutoContrast, Equalize,
@@ -307,5 +306,4 @@ def _randaug(num_layers=2, magnitude=10, key="image", ops="big_vision") -> prepr
   if num_layers < 0 or magnitude < 0:
     raise TypeError(f"num_layers and magnitude must be >= 0, got {num_layers}, {magnitude}")
   names = _op_names(ops)
-  return preprocess._on_key(  # pylint: disable=protected-access
-      key, lambda img, rng: randaugment(img, num_layers, magnitude, names, rng))
+  return on_key(key, lambda img, rng: randaugment(img, num_layers, magnitude, names, rng))

@@ -1,5 +1,5 @@
-"""What every evaluator shares: run the model over a whole split, sharded like training,
-and hand back each real example's outputs on the host, in dataset order.
+"""Inference over a whole split, sharded like training: each real example's outputs on
+the host, in dataset order. What every evaluator (and `vitcls.inspection`) builds on.
 
 Evaluators then compute their metrics in NumPy (`vitcls.metrics`) from exact per-example
 arrays: padding rows are dropped by their mask, so the numbers do not depend on the batch
@@ -14,7 +14,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from vitcls.data import device_pp, pipeline, preprocess, sources
+from vitcls.data import pipeline, sources
+from vitcls.data import pp as pp_lib
 from vitcls import sharding as sharding_lib
 
 
@@ -45,20 +46,23 @@ class Inference:
   def __init__(self, *, model, name: str, split: str, pp: str, batch_size: int,
                train_config, mesh, batch_sharding, extra_keys: Sequence[str] = (),
                max_examples: int = 0):
-    self.source = sources.get_source(name, split, train_config.input.data_dir or None,
-                                     encoded_images=preprocess.decodes_first(pp))
-    if max_examples and max_examples < len(self.source):
-      self.source = _Prefix(self.source, max_examples)
+    def open_source(encoded_images: bool):
+      source = sources.get_source(name, split, train_config.input.data_dir or None,
+                                  encoded_images=encoded_images)
+      if max_examples and max_examples < len(source):
+        source = _Prefix(source, max_examples)
+      return source
+
     self.keys = ("image", "labels", *extra_keys)
     keep = ", ".join(repr(k) for k in self.keys)
-    spec, finish = f"{pp}|keep({keep})", lambda batch: batch
-    if train_config.input.normalize_on_device:  # uint8 batches, as training's.
-      spec, tail = device_pp.host_and_tail(spec, self.source)
-      if tail:
-        finish = device_pp.finisher(tail)
+    plan = pp_lib.plan(  # uint8 batches under normalize_on_device, as training's.
+        f"{pp}|keep({keep})", open_source,
+        normalize_on_device=train_config.input.normalize_on_device)
+    self.source = plan.source
+    finish = plan.finisher() if plan.device else (lambda batch: batch)
     global_batch = -(-batch_size // mesh.size) * mesh.size  # Padding rows are masked.
     self.dataset = pipeline.eval_dataset(
-        self.source, preprocess.parse(spec), global_batch=global_batch,
+        self.source, plan.host, global_batch=global_batch,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.batch_sharding = batch_sharding
     self.input = train_config.input

@@ -1,8 +1,9 @@
-"""The training loop, and the only place with effects.
+"""The training loop: the order of a run's effects, step after step.
 
-It builds the pure pieces (model, optimiser, shardings, steps, data stream), restores
+It builds the run's pieces (model, optimiser, shardings, steps, data stream), restores
 the newest intact checkpoint in the workdir if there is one, then runs
-batch -> step -> metrics -> periodic eval / checkpoint until `total_steps`. Running it
+batch -> step -> metrics -> periodic eval / checkpoint until `total_steps`; files are
+written through the other modules of `vitcls.run`, in the order set here. Running it
 again on the same workdir resumes exactly where the last checkpoint left off: the data
 stream and per-step randomness are functions of (seed, step).
 
@@ -26,8 +27,9 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-from vitcls import (build, checkpoint, configs, evaluators, report, workdir_lock,
-                    writers)
+from vitcls import configs
+from vitcls.run import build, checkpoint, evaluation, lock as workdir_lock, report, writers
+from vitcls.run import workdir as wdir
 from vitcls.errors import UserError
 
 
@@ -119,95 +121,43 @@ def train(config, workdir: str) -> dict[str, float]:
 
 
 def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(configs.to_json(config))
-
-  run = build.build(config)
-  total_steps = run.total_steps
-  logging.info("Model %s: %s parameters; %d steps of %d examples on %d devices.",
-               config.model_name, f"{run.num_params:,}", total_steps,
-               config.input.batch_size, run.mesh.size)
-
+  """`train` once the workdir is held: steps from the newest checkpoint to the last."""
+  run = _build(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                  asynchronous=config.async_checkpoints)
-  resume_step, train_state = ckpt.restore_latest(run.abstract_state)
-  if resume_step is not None:
-    logging.info("Resuming from the checkpoint of step %d in %s.", resume_step,
-                 ckpt.directory)
-  else:
-    train_state = run.init_state()
-  start = int(train_state.step)
-
-  eval_configs = {n: evaluators.resolve(n, c) for n, c in config.evals.items()}
-  evals = {
-      name: evaluators.get(cfg.type).Evaluator(
-          cfg, model=run.model, train_config=config, mesh=run.mesh,
-          batch_sharding=run.batch_sharding)
-      for name, cfg in eval_configs.items()}
-
+  resume_step, train_state = _restore_or_init(run, ckpt)
+  start, total_steps = int(train_state.step), run.total_steps
+  evals = evaluation.Evaluations(config, workdir, model=run.model, mesh=run.mesh,
+                                 batch_sharding=run.batch_sharding)
   # clu's writers import TensorFlow: in the background, once the first step is queued.
   writer = writers.DeferredWriter(workdir, resume_step, total_steps, config.log_every)
   batches = run.batches(start)
-
-  def run_evals(step: int, names) -> dict[str, float]:
-    """Each named eval on the params, and on their EMA as `<name>_ema/...` when it is on."""
-    results = {}
-    weights = {"": train_state.params}
-    if train_state.ema is not None:
-      weights["_ema"] = train_state.ema
-    for name in names:
-      for suffix, params in weights.items():
-        for key, value in evals[name].run(params).items():
-          results[f"{name}{suffix}/{key}"] = value
-        if jax.process_index() == 0:  # The latest arrays behind the report's plots.
-          report.save_artifacts(workdir, name + suffix, getattr(evals[name], "artifacts", {}))
-    if results:
-      writer.write_scalars(step, results)
-      logging.info("Eval at step %d: %s", step,
-                   ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
-    return results
-
-  last_saved = resume_step
-  pending = None  # (step, metrics) of the previous step, checked one step late.
-  log_time, log_step = time.perf_counter(), start
-  final = {}
-  stopped = None
+  last_saved, pending, final, stopped = resume_step, None, {}, None
+  last_log = (time.perf_counter(), start)  # For the throughput of the next log.
   try:
     for step in range(start + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        batch = next(batches)
-        train_state, metrics = run.train_step(train_state, batch)
+        train_state, metrics = run.train_step(train_state, next(batches))
       if pending is not None:  # Waits for step-1 only; this step is already queued.
         _check_finite(config, pending[1], pending[0], last_saved, ckpt.directory)
       pending = (step, metrics)
       writer.start()
       writer.progress(step)
       lock.refresh()
-
-      if step % config.log_every == 0 or step == total_steps:
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        img_per_s = (step - log_step) * config.input.batch_size / (now - log_time)
-        log_time, log_step = now, step
-        writer.write_scalars(step, {**metrics, "img_per_sec": img_per_s,
-                                    "examples_seen": step * config.input.batch_size})
+      if _due(step, config.log_every, total_steps):
+        last_log = _log_metrics(writer, config, step, metrics, last_log)
       stopped = _stop_reason(stop, step)
-      due = [n for n, c in eval_configs.items() if step % c.every == 0 or step == total_steps]
       if not stopped:
-        final.update(run_evals(step, due))
-      if stopped or step % config.checkpoint_every == 0 or step == total_steps:
-        _check_finite(config, pending[1], step, last_saved, ckpt.directory)
-        writer.flush()  # Metrics up to a checkpoint survive a kill right after it.
-        if last_saved != step:
-          ckpt.save(step, train_state)
-        last_saved = step
+        names = [n for n, c in evals.configs.items() if _due(step, c.every, total_steps)]
+        final.update(_evaluate(evals, train_state, step, writer, names))
+      if stopped or _due(step, config.checkpoint_every, total_steps):
+        last_saved = _save(ckpt, writer, config, train_state, metrics, step, last_saved)
       if stopped:
         break
     if start >= total_steps:
       logging.info("Nothing to do: the workdir already holds step %d of %d.", start,
                    total_steps)
-      final = run_evals(start, evals)
+      final = _evaluate(evals, train_state, start, writer)
   finally:
     ckpt.close()  # Lets a started save finish, so a good checkpoint is never lost.
     writer.flush()
@@ -217,3 +167,64 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
   if jax.process_index() == 0:
     logging.info("Report: %s", report.write(workdir, config))
   return final
+
+
+def _due(step: int, every: int, total_steps: int) -> bool:
+  """Whether a periodic action (log, eval, checkpoint) runs after `step`: every `every`
+  steps, and after the last step whatever `every` is."""
+  return step % every == 0 or step == total_steps
+
+
+def _build(config, workdir: str) -> build.Run:
+  """Writes the resolved config into the workdir (process 0), then builds the run."""
+  if jax.process_index() == 0:
+    wdir.atomic_write(wdir.config_path(workdir), configs.to_json(config))
+  run = build.build(config)
+  logging.info("Model %s: %s parameters; %d steps of %d examples on %d devices.",
+               config.model_name, f"{run.num_params:,}", run.total_steps,
+               config.input.batch_size, run.mesh.size)
+  return run
+
+
+def _restore_or_init(run: build.Run, ckpt: checkpoint.Checkpointer):
+  """(step restored or None, state): the newest intact checkpoint, else the step-0 state."""
+  resume_step, train_state = ckpt.restore_latest(run.abstract_state)
+  if resume_step is not None:
+    logging.info("Resuming from the checkpoint of step %d in %s.", resume_step,
+                 ckpt.directory)
+  else:
+    train_state = run.init_state()
+  return resume_step, train_state
+
+
+def _log_metrics(writer, config, step: int, metrics, last_log: tuple[float, int]):
+  """Writes the step's metrics, with the throughput since `last_log` (time, step); returns
+  this log's (time, step)."""
+  metrics = jax.device_get(metrics)
+  now = time.perf_counter()
+  img_per_s = (step - last_log[1]) * config.input.batch_size / (now - last_log[0])
+  writer.write_scalars(step, {**metrics, "img_per_sec": img_per_s,
+                              "examples_seen": step * config.input.batch_size})
+  return now, step
+
+
+def _evaluate(evals: evaluation.Evaluations, train_state, step: int, writer,
+              names=None) -> dict[str, float]:
+  """The named evals (all by default) on the params and their EMA, written and logged."""
+  results = evals.run(train_state.params, train_state.ema, names)
+  if results:
+    writer.write_scalars(step, results)
+    logging.info("Eval at step %d: %s", step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items())))
+  return results
+
+
+def _save(ckpt: checkpoint.Checkpointer, writer, config, train_state, metrics, step: int,
+          last_saved: int | None) -> int:
+  """Checks the step's loss, flushes the metrics, then saves `step` unless it is saved
+  already; returns it, the new last saved step."""
+  _check_finite(config, metrics, step, last_saved, ckpt.directory)
+  writer.flush()  # Metrics up to a checkpoint survive a kill right after it.
+  if last_saved != step:
+    ckpt.save(step, train_state)
+  return step

@@ -22,34 +22,22 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-EVALUATE_FILE = "evaluate.json"  # The last `vitcls.evaluate` results, in report/.
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  """Every row of the workdir's `metrics.jsonl`, in order; [] before anything is logged."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+from vitcls.run import workdir as wdir
 
 
 def save_artifacts(workdir: str, name: str, arrays: dict) -> None:
   """Saves an evaluator's arrays for the plots (atomically: temp file, then rename)."""
   if not arrays:
     return
-  directory = os.path.join(workdir, "report", "artifacts")
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{name}.npz.tmp")
-  with open(tmp, "wb") as f:
+  path = os.path.join(wdir.artifacts_dir(workdir), f"{name}.npz")
+  with wdir.atomic_file(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
-  os.replace(tmp, os.path.join(directory, f"{name}.npz"))
 
 
 def load_artifacts(workdir: str) -> dict[str, dict[str, np.ndarray]]:
   """Each evaluator's arrays saved by `save_artifacts`, by name, for the report's plots."""
   out = {}
-  for path in sorted(glob.glob(os.path.join(workdir, "report", "artifacts", "*.npz"))):
+  for path in sorted(glob.glob(os.path.join(wdir.artifacts_dir(workdir), "*.npz"))):
     with np.load(path, allow_pickle=False) as npz:
       out[os.path.basename(path)[:-4]] = {k: npz[k] for k in npz.files}
   return out
@@ -301,7 +289,7 @@ def final_metrics(workdir: str, rows: list[dict]) -> dict[str, tuple[int, float]
   finals = {}
   for r in rows:
     finals.update({k: (r["step"], v) for k, v in r.items() if "/" in k})
-  path = os.path.join(workdir, "report", EVALUATE_FILE)
+  path = wdir.evaluate_path(workdir)
   if os.path.exists(path):
     with open(path) as f:
       evaluated = json.load(f)
@@ -324,8 +312,8 @@ def expected_table(expected: dict, finals: dict) -> list[str]:
 
 def write(workdir: str, config=None) -> str:
   """Writes the report of `workdir`; returns the path of report.md."""
-  rows = read_metrics(workdir)
-  out = os.path.join(workdir, "report")
+  rows = wdir.read_metrics(workdir)
+  out = wdir.report_dir(workdir)
   os.makedirs(out, exist_ok=True)
   lines = ["# Training report", ""]
   if config is not None:
@@ -348,7 +336,6 @@ def write(workdir: str, config=None) -> str:
   for name, arrays in load_artifacts(workdir).items():
     for caption, file in plot_artifacts(name, arrays, out):
       lines += [f"![{caption}]({file})", ""]
-  path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  path = os.path.join(out, wdir.REPORT_FILE)
+  wdir.atomic_write(path, "\n".join(lines))
   return path

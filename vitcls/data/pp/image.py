@@ -1,0 +1,340 @@
+"""Image ops on the host: crops, resizes, flips, value_range, normalize, random erasing.
+
+They follow big_vision's and timm's definitions, and keep uint8 images uint8 until
+`value_range` or `normalize`, so the work done in grain's worker processes stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+from vitcls.data.pp.registry import Example, Op, PreprocessError, register
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOp:
+  """An op on `example[key]`'s array.
+
+  `on_pil`, where given, is the same op on a PIL image (L or RGB) of those uint8
+  pixels, equal pixel for pixel and drawing the same numbers from the rng: `decode`
+  runs such ops straight after it on the decoded PIL image, which skips copying the
+  whole image into NumPy and back (see vitcls.data.pp.decode).
+  """
+  key: str
+  fn: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+  on_pil: Optional[Callable[[Image.Image, np.random.Generator], Image.Image]] = None
+
+  def __call__(self, example: Example, rng: np.random.Generator) -> Example:
+    example[self.key] = self.fn(np.asarray(example[self.key]), rng)
+    return example
+
+
+def on_key(key: str, fn: Callable[[np.ndarray, np.random.Generator], np.ndarray],
+           on_pil=None) -> ImageOp:
+  """The op applying `fn(array, rng)` to `example[key]` (`on_pil`: see `ImageOp`)."""
+  return ImageOp(key, fn, on_pil)
+
+
+def _hw(size, width=None) -> tuple[int, int]:
+  return (int(size), int(size if width is None else width))
+
+
+# The resize methods every resizing op takes, by name, here and in its TF twin.
+RESIZE_METHODS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                  "bicubic": Image.BICUBIC, "area": Image.BOX}
+
+
+def check_method(method: str) -> None:
+  """Raises TypeError unless `method` is one of `RESIZE_METHODS`."""
+  if method not in RESIZE_METHODS:
+    *first, last = RESIZE_METHODS
+    raise TypeError(f"method must be {', '.join(first)} or {last}, not {method!r}")
+
+
+def resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarray:
+  """Resizes an HWC array with PIL, keeping its dtype.
+
+  uint8 images with 1 or 3 channels are resized as one 8-bit PIL image, as torchvision
+  and timm resize (their RandomResizedCrop and Resize): each of PIL's two passes rounds
+  to 8 bits, which puts about one pixel in six one level away from resizing in float,
+  at under two thirds of the cost. Other dtypes and channel counts go channel by
+  channel through PIL's float32 mode.
+  """
+  if img.dtype == np.uint8 and img.shape[-1] in (1, 3):
+    return from_pil(to_pil(img).resize((hw[1], hw[0]), resample=RESIZE_METHODS[method]))
+  channels = [
+      np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(
+          (hw[1], hw[0]), resample=RESIZE_METHODS[method]))
+      for c in range(img.shape[-1])]
+  out = np.stack(channels, axis=-1)
+  if np.issubdtype(img.dtype, np.integer):  # In place: image-sized temporaries cost.
+    info = np.iinfo(img.dtype)
+    np.clip(np.round(out, out=out), info.min, info.max, out=out)
+  return out.astype(img.dtype, copy=False)
+
+
+def to_pil(img: np.ndarray) -> Image.Image:
+  """An L or RGB PIL image of uint8 HW1 / HW3 pixels."""
+  return Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+
+
+def from_pil(img: Image.Image) -> np.ndarray:
+  """uint8 HWC pixels of an L or RGB image."""
+  arr = np.asarray(img)
+  return arr[..., None] if arr.ndim == 2 else arr
+
+
+@register("resize", tf_twin="resize")
+def resize(size, width=None, key="image", method="bilinear") -> Op:
+  """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area)."""
+  hw = _hw(size, width)
+  check_method(method)
+  return on_key(key, lambda img, rng: resize_image(img, hw, method),
+                on_pil=lambda pil, rng: pil.resize((hw[1], hw[0]), RESIZE_METHODS[method]))
+
+
+def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
+  """(h, w) with the shorter side `size` and the aspect kept, the other side rounded.
+
+  `height * size / shorter` in float64, rounded half to even: the TF twin
+  (vitcls.data.pp.tf_twins) does the same arithmetic, so both pick the same shape.
+  """
+  shorter = min(height, width)
+  return (round(height * size / shorter), round(width * size / shorter))
+
+
+@register("resize_small", tf_twin="resize_small")
+def resize_small(size, key="image", method="bilinear") -> Op:
+  """Resizes so the shorter side is `size`, keeping the aspect ratio (big_vision's op).
+
+  size: the shorter side after resizing; the longer is rounded to the nearest pixel.
+  method: bilinear|nearest|bicubic|area, as `resize` (big_vision defaults to area; the
+    usual ImageNet eval `resize_small(256)|central_crop(224)` is bilinear in timm).
+  """
+  size = int(size)
+  check_method(method)
+  def pil_op(pil, rng):
+    h, w = resize_small_shape(pil.height, pil.width, size)
+    return pil.resize((w, h), RESIZE_METHODS[method])
+  return on_key(key, lambda img, rng: resize_image(
+      img, resize_small_shape(img.shape[0], img.shape[1], size), method), on_pil=pil_op)
+
+
+@register("central_crop", tf_twin="central_crop")
+def central_crop(size, width=None, key="image") -> Op:
+  """Crops the central (size, width or size) window."""
+  h, w = _hw(size, width)
+  def crop(img, rng):
+    top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[top:top + h, left:left + w]
+  return on_key(key, crop)
+
+
+@register("random_crop", random=True, jax_twin="random_crop")
+def random_crop(size, width=None, key="image") -> Op:
+  """Crops a (size, width or size) window at a uniformly random position."""
+  h, w = _hw(size, width)
+  def crop(img, rng):
+    top = rng.integers(0, img.shape[0] - h + 1)
+    left = rng.integers(0, img.shape[1] - w + 1)
+    return img[top:top + h, left:left + w]
+  return on_key(key, crop)
+
+
+@register("random_shift", random=True, jax_twin="random_shift")
+def random_shift(max_px, key="image") -> Op:
+  """Translates by up to `max_px` pixels each way, filling with zeros; same size out."""
+  m = int(max_px)
+  def shift(img, rng):
+    padded = np.pad(img, ((m, m), (m, m), (0, 0)))
+    dy, dx = rng.integers(0, 2 * m + 1, size=2)
+    return padded[dy:dy + img.shape[0], dx:dx + img.shape[1]]
+  return on_key(key, shift)
+
+
+INCEPTION_ASPECT = (3 / 4, 4 / 3)  # Width / height, as TF's and torchvision's defaults.
+CROP_TRIES = 10  # As torchvision's RandomResizedCrop and timm's RandomErasing.
+
+
+def _central_fallback(height: int, width: int) -> tuple[int, int, int, int]:
+  """The largest central crop whose aspect is within INCEPTION_ASPECT: (top, left, h, w)."""
+  lo, hi = INCEPTION_ASPECT
+  h, w = height, width
+  if width / height < lo:
+    h = min(height, round(width / lo))
+  elif width / height > hi:
+    w = min(width, round(height * hi))
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def inception_crop_box(height: int, width: int, area_min: float, area_max: float,
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, h, w) of a random resized crop; see `inception_crop` for the sampling."""
+  log_lo, log_hi = math.log(INCEPTION_ASPECT[0]), math.log(INCEPTION_ASPECT[1])
+  for _ in range(CROP_TRIES):
+    area = height * width * rng.uniform(area_min, area_max) / 100
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < h <= height and 0 < w <= width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  return _central_fallback(height, width)
+
+
+@register("inception_crop", random=True)
+def inception_crop(size=None, area_min=5, area_max=100, key="image",
+                   method="bilinear") -> Op:
+  """Random resized crop ("Inception crop"), the ImageNet training crop.
+
+  size: when given, the crop is resized to (size, size) with `method` (as `resize`).
+  area_min, area_max: the crop's area is uniform in [area_min, area_max] percent of the
+    image (big_vision's units; timm/torchvision's scale=(0.08, 1) is area_min=8).
+  The aspect ratio (width / height) is log-uniform in [3/4, 4/3], and the sides are
+  rounded to pixels, as torchvision's RandomResizedCrop; a box that does not fit is
+  redrawn, up to 10 tries, then the largest central crop with an aspect in [3/4, 4/3]
+  is taken (the whole image when its own aspect is in range). big_vision's op uses TF's
+  sample_distorted_bounding_box, which samples a little differently (a uniform aspect,
+  a uniform side rather than area, 100 tries, the whole image as fallback); the
+  log-uniform aspect treats tall and wide crops alike.
+  """
+  if not 0 < area_min <= area_max <= 100:
+    raise TypeError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, "
+                    f"{area_max}")
+  hw = None if size is None else _hw(size)
+  check_method(method)
+  def crop(img, rng):
+    top, left, h, w = inception_crop_box(img.shape[0], img.shape[1], area_min, area_max,
+                                         rng)
+    out = img[top:top + h, left:left + w]
+    return out if hw is None else resize_image(out, hw, method)
+  def pil_op(pil, rng):
+    top, left, h, w = inception_crop_box(pil.height, pil.width, area_min, area_max, rng)
+    out = pil.crop((left, top, left + w, top + h))  # Not resize(box=): that reads
+    # pixels around the box too.
+    return out if hw is None else out.resize((hw[1], hw[0]), RESIZE_METHODS[method])
+  return on_key(key, crop, on_pil=pil_op)
+
+
+@register("flip_lr", random=True, jax_twin="flip_lr")
+def flip_lr(key="image") -> Op:
+  """Flips left-right with probability 1/2."""
+  return on_key(key, lambda img, rng: img[:, ::-1] if rng.random() < 0.5 else img,
+                on_pil=lambda pil, rng: (pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                                         if rng.random() < 0.5 else pil))
+
+
+@register("to_rgb", tf_twin="to_rgb")
+def to_rgb(key="image") -> Op:
+  """Repeats a single channel three times; leaves 3-channel images alone."""
+  return on_key(key, lambda img, rng: np.repeat(img, 3, axis=-1) if img.shape[-1] == 1
+                else img)
+
+
+@register("value_range", device_tail=True, jax_twin="value_range", tf_twin="value_range")
+def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0, key="image") -> Op:
+  """Maps [in_min, in_max] linearly to [vmin, vmax] as float32."""
+  scale = (vmax - vmin) / (in_max - in_min)
+  def op(img, rng):
+    # In place on one fresh float32 array: the same float32 arithmetic as
+    # (x - in_min) * scale + vmin, without three image-sized temporaries.
+    out = img.astype(np.float32)
+    out -= in_min
+    out *= scale
+    out += vmin
+    return out
+  return on_key(key, op)
+
+
+def normalize_constants(mean, std) -> tuple[np.ndarray, np.ndarray]:
+  """`normalize`'s mean and std in [0, 1] -> float32 (mean * 255, std * 255), checked."""
+  mean255 = np.asarray(mean, np.float64) * 255
+  std255 = np.asarray(std, np.float64) * 255
+  if mean255.ndim > 1 or std255.ndim > 1:
+    raise TypeError(f"mean and std must be numbers or lists of numbers, got {mean}, {std}")
+  if not (std255 > 0).all():
+    raise TypeError(f"std must be positive, got {std}")
+  return mean255.astype(np.float32), std255.astype(np.float32)
+
+
+@register("normalize", device_tail=True, jax_twin="normalize", tf_twin="normalize")
+def normalize(mean, std, key="image") -> Op:
+  """Per-channel standardisation of pixels in [0, 255]: float32 (x/255 - mean) / std.
+
+  mean, std: numbers or one per channel, in the [0, 1] scale as published, e.g. ImageNet's
+    normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) (timm's IMAGENET_DEFAULT_MEAN
+    and _STD). The input is in [0, 255] (uint8), so the result equals timm's
+    Normalize after ToTensor and big_vision's vgg_value_range (which takes the same
+    constants times 255). Computed as (x - 255 mean) / (255 std) in float32, the
+    arithmetic of its JAX and TF twins.
+  """
+  mean255, std255 = normalize_constants(mean, std)
+  def norm(img, rng):
+    for name, v in (("mean", mean255), ("std", std255)):
+      if v.size not in (1, img.shape[-1]):
+        raise PreprocessError(f"normalize got {v.size} {name} values for "
+                              f"{img.shape[-1]}-channel images")
+    return (img.astype(np.float32) - mean255) / std255
+  return on_key(key, norm)
+
+
+ERASE_MODES = ("pixel", "const")
+
+
+def erasing_box(height: int, width: int, area_min: float, area_max: float,
+                aspect_min: float, rng: np.random.Generator
+                ) -> Optional[tuple[int, int, int, int]]:
+  """(top, left, h, w) of a random erasing box, or None after 10 boxes that do not fit."""
+  log_lo, log_hi = math.log(aspect_min), math.log(1 / aspect_min)
+  for _ in range(CROP_TRIES):
+    area = height * width * rng.uniform(area_min, area_max)
+    aspect = math.exp(rng.uniform(log_lo, log_hi))  # height / width, as timm.
+    h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < h < height and 0 < w < width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  return None
+
+
+@register("random_erasing", random=True)
+def random_erasing(p=0.25, area_min=0.02, area_max=1 / 3, aspect_min=0.3, key="image",
+                   mode="pixel") -> Op:
+  """Random Erasing (Zhong et al. 2020) as DeiT trains with it (timm's RandomErasing).
+
+  Goes after `normalize` or `value_range`: it works on float images, where its noise
+  matches the normalised pixels.
+  p: the probability of erasing one rectangle (DeiT: 0.25).
+  area_min, area_max: its area is uniform in [area_min, area_max] of the image's.
+  aspect_min: its aspect (height / width) is log-uniform in [aspect_min, 1 / aspect_min].
+  Sides are rounded to pixels; a box not strictly inside the image is redrawn, up to 10
+  tries, after which nothing is erased (as timm).
+  mode: "pixel" fills with per-pixel standard-normal noise (DeiT's remode='pixel'),
+    "const" with zeros (timm's default mode).
+  """
+  if not 0 <= p <= 1:
+    raise TypeError(f"p must be in [0, 1], got {p}")
+  if not 0 < area_min <= area_max <= 1:
+    raise TypeError(f"need 0 < area_min <= area_max <= 1, got {area_min}, {area_max}")
+  if not 0 < aspect_min <= 1:
+    raise TypeError(f"aspect_min must be in (0, 1], got {aspect_min}")
+  if mode not in ERASE_MODES:
+    raise TypeError(f"mode must be {' or '.join(ERASE_MODES)}, not {mode!r}")
+  def erase(img, rng):
+    if not np.issubdtype(img.dtype, np.floating):
+      raise PreprocessError(f"random_erasing works on float images, got {img.dtype}: put "
+                            f"it after normalize or value_range")
+    if not rng.random() < p:
+      return img
+    box = erasing_box(img.shape[0], img.shape[1], area_min, area_max, aspect_min, rng)
+    if box is None:
+      return img
+    top, left, h, w = box
+    out = img.copy()
+    if mode == "pixel":
+      out[top:top + h, left:left + w] = rng.standard_normal((h, w) + img.shape[2:])
+    else:
+      out[top:top + h, left:left + w] = 0
+    return out
+  return on_key(key, erase)

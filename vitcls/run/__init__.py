@@ -1,0 +1,1 @@
+"""The effects of a run: building it from a config, the loop, checkpoints, the workdir."""
