@@ -11,7 +11,7 @@ running CLI's meaning. `parser` is the `flags_parser` they all give `absl.app.ru
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 from absl import flags
 
@@ -112,6 +112,34 @@ def parse(argv: Sequence[str], config_overrides: bool = True
     return FLAGS(rest), overrides
   except flags.Error as e:
     raise FlagError(f"{str(e).splitlines()[0]}: see --help for the flags") from e
+
+
+def run_command(rest: Sequence[str], overrides: Sequence[str],
+                command: Callable[[Sequence[str]], int | None]) -> int:
+  """Runs `command(overrides)` after the flags are parsed; returns the exit status: its
+  own (0 when it returns None), or 2 with one error line for a UserError or a stray
+  positional argument."""
+  try:
+    if len(rest) > 1:
+      raise FlagError(f"unexpected argument(s) {' '.join(rest[1:])}: flags look like "
+                      f"--name=value")
+    return command(overrides) or 0
+  except UserError as e:
+    print(f"vitcls: error: {e}", file=sys.stderr)
+    return 2
+
+
+def main_in_process(argv: Sequence[str], define_flags: Callable[[], object],
+                    command: Callable[[Sequence[str]], int | None]) -> int:
+  """A CLI run in this process on `argv` (program name first), as tests and the README
+  runner do: its flags defined and parsed, then `run_command`; the exit status."""
+  define_flags()
+  try:
+    rest, overrides = parse(argv)
+  except UserError as e:
+    print(f"vitcls: error: {e}", file=sys.stderr)
+    return 2
+  return run_command(rest, overrides, command)
 
 
 def parser(overrides: list[str] | None, key_flags: Sequence[str] = ()):

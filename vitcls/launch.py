@@ -39,7 +39,6 @@ from typing import Sequence
 from absl import app
 
 from vitcls import cluster, configs, flags
-from vitcls.errors import UserError
 from vitcls.run import workdir as wdir
 
 FLAGS = flags.FLAGS
@@ -104,32 +103,14 @@ def _launch(overrides: Sequence[str]) -> None:
   print(f"sbatch {shlex.quote(output)}")
 
 
-def _execute(argv_rest: Sequence[str], overrides: Sequence[str]) -> int:
-  try:
-    if len(argv_rest) > 1:
-      raise cluster.LaunchError(f"unexpected argument(s) {' '.join(argv_rest[1:])}: flags "
-                                f"look like --name=value")
-    _launch(overrides)
-  except UserError as e:
-    print(f"vitcls: error: {e}", file=sys.stderr)
-    return 2
-  return 0
-
-
 def main(argv: Sequence[str]) -> int:
   """Runs the CLI in-process on `argv` (program name first); returns the exit status."""
-  _define_flags()
-  try:
-    rest, overrides = flags.parse(argv)
-  except UserError as e:
-    print(f"vitcls: error: {e}", file=sys.stderr)
-    return 2
-  return _execute(rest, overrides)
+  return flags.main_in_process(argv, _define_flags, _launch)
 
 
 def run(argv: Sequence[str] | None = None) -> None:
   """Entry point shared by `python -m vitcls.launch` and `vitcls launch`."""
-  app.run(lambda rest: _execute(rest, _OVERRIDES), argv=argv,
+  app.run(lambda rest: flags.run_command(rest, _OVERRIDES, _launch), argv=argv,
           flags_parser=flags.parser(_OVERRIDES, _define_flags()))
 
 

@@ -21,7 +21,6 @@ from typing import Sequence
 from absl import app
 
 from vitcls import flags
-from vitcls.errors import UserError
 from vitcls.run import workdir as wdir
 from vitcls.sweep import builders
 from vitcls.sweep import local
@@ -97,26 +96,9 @@ def sweep(overrides: Sequence[str]) -> int:
                            f.metric).run()
 
 
-def _execute(rest: Sequence[str], overrides: Sequence[str]) -> int:
-  try:
-    if len(rest) > 1:
-      raise SweepError(f"unexpected argument(s) {' '.join(rest[1:])}: flags look like "
-                       f"--name=value")
-    return sweep(overrides)
-  except UserError as e:
-    print(f"vitcls: error: {e}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str]) -> int:
   """Runs the CLI in-process on `argv` (program name first); returns the exit status."""
-  _define_flags()
-  try:
-    rest, overrides = flags.parse(argv)
-  except UserError as e:
-    print(f"vitcls: error: {e}", file=sys.stderr)
-    return 2
-  return _execute(rest, overrides)
+  return flags.main_in_process(argv, _define_flags, sweep)
 
 
 _OVERRIDES: list[str] = []
@@ -124,7 +106,7 @@ _OVERRIDES: list[str] = []
 
 def run(argv: Sequence[str] | None = None) -> None:
   """Entry point shared by `python -m vitcls.sweep` and `vitcls sweep`."""
-  app.run(lambda rest: _execute(rest, _OVERRIDES), argv=argv,
+  app.run(lambda rest: flags.run_command(rest, _OVERRIDES, sweep), argv=argv,
           flags_parser=flags.parser(_OVERRIDES, _define_flags()))
 
 
