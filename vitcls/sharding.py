@@ -22,8 +22,8 @@ from vitcls import treeutil, validate
 def make_mesh(axes, devices=None) -> Mesh:
   """A mesh with the named axis sizes; one size may be -1 (all devices left over).
 
-  The axes are checked by `validate.check_mesh` (configs of a workdir, evaluated on other
-  devices than they trained on, come here without `validate.check`).
+  The axes are checked against these devices by `validate.check_mesh`: `vitcls.evaluate`
+  validates a workdir's config without devices (it may run on others than it trained on).
   """
   devices = list(jax.devices() if devices is None else devices)
   validate.check_mesh(axes, len(devices))

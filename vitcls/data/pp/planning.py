@@ -137,25 +137,21 @@ def plan(spec: str, open_source: Optional[Callable[[bool], Any]] = None, *,
   calls = registry.calls(spec)
   encoded = _decodes_first(calls)
   source = None if open_source is None else open_source(encoded)
-  host_spec, device, parsed = spec, [], None
+  host_spec, device = spec, []
   if on_device:
-    parsed = registry.parse(spec)  # An unknown op is named as such first.
+    registry.parse(spec)  # An unknown op is named as such, before any twin is missing.
     host_spec, device = resident_split(spec)
   elif normalize_on_device:
     if source is None:
       raise ValueError("normalize_on_device plans need the source (open_source)")
     host_spec, device = tail_split(spec)
     if device:
-      parsed = registry.parse(host_spec)
-      example = parsed(source[0], np.random.default_rng(0))
+      example = registry.parse(host_spec)(source[0], np.random.default_rng(0))
       for _, name, args, kwargs in device:
         key = registry.op_arguments(name, args, kwargs).get("key", "image")
         if getattr(example.get(key), "dtype", None) != np.uint8:
-          host_spec, device, parsed = spec, [], None
+          host_spec, device = spec, []
           break
     else:
       host_spec = spec
-  out = Plan(spec, tuple(calls), encoded, source, host_spec, tuple(device), on_device)
-  if parsed is not None:  # Parsed while planning: not again.
-    out.__dict__["whole" if on_device else "host"] = parsed
-  return out
+  return Plan(spec, tuple(calls), encoded, source, host_spec, tuple(device), on_device)
