@@ -1,6 +1,7 @@
 """Config loading, overrides, validation and durations."""
 
 import json
+import re
 
 import pytest
 
@@ -84,3 +85,28 @@ def test_duration_precedence(fields, expected):
 def test_no_duration_is_an_error():
   with pytest.raises(configs.ConfigError, match="no training length"):
     configs.total_steps(configs.resolve(configs.ConfigDict()), 100)
+
+
+def test_get_config_that_returns_no_config_is_one_line_naming_the_file(tmp_path):
+  path = tmp_path / "exp.py"
+  path.write_text("def get_config(arg=None):\n  c = dict(lr=0.1)\n")  # No `return c`.
+  with pytest.raises(configs.ConfigError, match=rf"^experiment {re.escape(str(path))}: "
+                     r"get_config returned NoneType, not a ConfigDict: end it with "
+                     r"`return config`$"):
+    configs.load_experiment(str(path))
+
+
+@pytest.mark.parametrize("arg, fix", [
+    ("--total_steps=5", "give --config.total_steps=5"),
+    ("--input.batch_size=4", "give --config.input.batch_size=4"),
+    ("--model.patch_size=4", "give --config.model.patch_size=4"),
+])
+def test_a_config_field_given_as_a_flag_is_shown_as_its_override(arg, fix, capsys):
+  from vitcls import flags, train  # pylint: disable=g-import-not-at-top
+  ran = []
+  status = flags.main_in_process(
+      ["vitcls.train", f"--config={DEFAULT_EXPERIMENT}", "--workdir=unused", arg],
+      train._define_flags, ran.append)  # pylint: disable=protected-access
+  assert status == 2 and not ran
+  assert capsys.readouterr().err == (f"vitcls: error: unknown flag {arg}: a config field is "
+                                     f"set with --config.KEY=VALUE: {fix}\n")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from vitcls.run import checkpoint
-from conftest import REPO, losses, train_command, xla_flags
+from conftest import DEFAULT_EXPERIMENT, REPO, losses, train_command, xla_flags
 
 STEPS = 150
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
@@ -102,20 +102,25 @@ def _wait_for(predicate, proc, timeout=300):
   return False
 
 
-def test_sigterm_stops_cleanly_and_the_resumed_run_is_bitwise_equal(
-    tmp_path, straight, cache_env):
-  """SIGTERM at a random step: the step finishes, its checkpoint is saved, exit code 0."""
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_stop_request_stops_cleanly_and_the_resumed_run_is_bitwise_equal(
+    tmp_path, straight, cache_env, signum, code):
+  """SIGTERM or Ctrl-C at a random step: the step finishes, its checkpoint is saved, one
+  line, exit code 0 (130 for Ctrl-C: before, a KeyboardInterrupt traceback and nothing
+  saved)."""
   workdir = str(tmp_path / "run")
   target = int(np.random.default_rng(int(time.time())).integers(12, 80))
   proc = _start(workdir, cache_env)
   # Metrics are flushed at checkpoints only: wait for a checkpoint, then a random delay.
   assert _wait_for(lambda: _complete_steps(workdir), proc), _log(workdir)[-3000:]
   time.sleep(target / 100)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=300) == 0, _log(workdir)[-3000:]
+  proc.send_signal(signum)
+  assert proc.wait(timeout=300) == code, _log(workdir)[-3000:]
   log = _log(workdir)
   stopped = [line for line in log.splitlines() if "vitcls: stopped at step" in line]
-  assert len(stopped) == 1, log[-3000:]
+  assert len(stopped) == 1 and "Traceback" not in log, log[-3000:]
+  assert signal.Signals(signum).name in stopped[0]
   step = int(stopped[0].split("stopped at step ")[1].split()[0])
   assert 0 < step < STEPS and step in _complete_steps(workdir)
 
@@ -123,6 +128,44 @@ def test_sigterm_stops_cleanly_and_the_resumed_run_is_bitwise_equal(
   assert resumed.wait(timeout=600) == 0, _log(workdir)[-3000:]
   assert f"Resuming from the checkpoint of step {step}" in _log(workdir)
   _assert_same_as(straight, workdir)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_is_ignored():
+  """The first request is read after the step; a second Ctrl-C is a person who will not
+  wait for the save (KeyboardInterrupt at once), a second SIGTERM must not cut it short."""
+  from vitcls.run import loop
+  with loop.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # Ignored: the checkpoint is being saved.
+    assert stop.reason == "SIGTERM"
+  with loop.StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.reason == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Put back.
+
+
+def test_an_interrupt_outside_the_steps_is_one_line_and_exit_130(monkeypatch, capsys,
+                                                                tmp_path):
+  """Ctrl-C twice, or during start-up: no traceback, the exit code of an interrupt."""
+  from vitcls import flags, train
+  from vitcls.run import loop
+
+  def interrupted(config, workdir):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(loop, "train", interrupted)
+
+  def command(overrides):
+    train._OVERRIDES[:] = overrides  # pylint: disable=protected-access
+    train.main(["vitcls.train"])
+  with pytest.raises(SystemExit) as exit_info:
+    flags.main_in_process(["vitcls.train", f"--config={DEFAULT_EXPERIMENT}:runlocal=True",
+                           f"--workdir={tmp_path / 'run'}"],
+                          train._define_flags, command)  # pylint: disable=protected-access
+  assert exit_info.value.code == 130
+  err = capsys.readouterr().err
+  assert err.startswith("vitcls: interrupted at once") and err.count("\n") == 1, err
 
 
 def test_sigkill_at_five_random_moments_then_resume_is_bitwise_equal(

@@ -270,3 +270,35 @@ def test_finetune_rgb_false_makes_folder_images_grey(tmp_path):
   example = sources.get_source(rgb.input.data.name, "train")[0]
   assert pp_lib.parse(rgb.input.pp)(example, np.random.default_rng(0))["image"].shape == (
       24, 24, 3)
+
+
+def test_a_split_without_some_classes_warns_once_naming_them(tmp_path, caplog):
+  """Classes of 2 and 1 images have none in the flat layout's 20% test part: its per-class
+  metrics can only describe the third class, and the user is told so when it opens."""
+  for c, n in {"big": 20, "two": 2, "one": 1}.items():
+    for i in range(n):
+      _save(str(tmp_path / c / f"{i}.png"))
+  root = str(tmp_path)
+  name = "folder:" + root
+  with caplog.at_level(logging.WARNING):
+    train = sources.get_source(name, "train")
+    test = sources.get_source(name, "test")
+    sources.get_source(name, "test")  # Warned once.
+  assert train.label_names == test.label_names == ["big", "one", "two"]
+  assert sorted(set(test.labels().tolist())) == [0]
+  lines = [r.getMessage() for r in caplog.records if "has no images of" in r.getMessage()]
+  assert lines == [f"folder {root} split 'test' has no images of 2 of its 3 classes (one, "
+                   f"two): its per-class metrics leave them out (n/a), so balanced and "
+                   f"worst-class accuracy describe the other classes only; this folder has "
+                   f"no split folders, so 20% of each class is held out, which needs 3 or "
+                   f"more images of a class to hold out one"]
+
+
+def test_class_names_come_from_folder_names_alone(tmp_path, monkeypatch):
+  flat = _flat(tmp_path / "flat")
+  split = _split_layout(tmp_path / "split")
+  monkeypatch.setattr(folder, "_images_below", None)  # No image is listed.
+  assert folder.class_names(flat) == ["cat", "dog", "emu"]
+  assert folder.class_names(split) == ["a", "b", "c"]  # Over every split folder.
+  assert sources.facts("folder:" + split) == sources.Facts(num_classes=3,
+                                                           class_names=["a", "b", "c"])

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from vitcls import launch
+from vitcls import cluster, launch
 from vitcls.sweep import __main__ as sweep_cli
 from vitcls.sweep import members as sweep_members
 from conftest import DEFAULT_EXPERIMENT, write_sweep_experiment
@@ -112,7 +112,19 @@ def test_tpu_pod_command_runs_on_every_worker(capsys):
     (["--launcher=tpu", "--zone=z"], "--launcher=tpu needs --tpu"),
     (["--launcher=k8s"], "got --launcher=k8s"),
     (["--gpus_per_node=8"], "--launcher is missing"),
-], ids=["bad-key", "no-gpus", "no-tpu", "bad-launcher", "no-launcher"])
+    (["--launcher=slurm", "--nodes=2", "--gpus_per_node=8", "--config.input.batch_size=100"],
+     "config.input.batch_size 100 is not divisible by the 16 devices: use a multiple of 16"),
+    (["--launcher=slurm", "--gpus_per_node=8", "--config.model.widht=3"],
+     "unknown config key 'model.widht' for model 'vit'"),
+    (["--launcher=slurm", "--gpus_per_node=8", "--config.mesh=[('data', 4)]"],
+     "config.mesh [('data', 4)] needs 4 devices but 8 are present"),
+    (["--launcher=tpu", "--tpu=pod", "--zone=z", "--accelerator_type=v4-32",
+      "--config.input.batch_size=100"],
+     "config.input.batch_size 100 is not divisible by the 16 devices: use a multiple of 16"),
+    (["--launcher=tpu", "--tpu=pod", "--zone=z", "--accelerator_type=v9-8"],
+     "--accelerator_type=v9-8 is not a TPU type vitcls knows"),
+], ids=["bad-key", "no-gpus", "no-tpu", "bad-launcher", "no-launcher", "batch-on-16-gpus",
+        "model-field", "mesh-on-8-gpus", "batch-on-v4-32", "unknown-tpu"])
 def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, args, message):
   workdir = tmp_path / "run"
   assert launch.main(["vitcls launch", f"--config={DEFAULT_EXPERIMENT}",
@@ -120,4 +132,31 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, args, message
   captured = capsys.readouterr()
   lines = captured.err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("vitcls: error: ") and message in lines[0]
+  assert not captured.out and not workdir.exists()
+
+
+def test_tpu_slices_give_their_devices_and_hosts():
+  assert [cluster.tpu_topology(t) for t in ("v3-8", "v3-32", "v4-8", "v4-32", "v5p-16",
+                                            "v5litepod-8", "v5litepod-16", "v6e-256")] == [
+      (8, 1), (32, 4), (4, 1), (16, 4), (8, 2), (8, 1), (16, 4), (256, 64)]
+
+
+def test_tpu_launch_leaves_the_workers_files_to_them(capsys):
+  """The data and model_init are on the workers' storage, not necessarily here."""
+  assert launch.main(["vitcls launch", "--launcher=tpu", "--tpu=pod", "--zone=z",
+                      "--accelerator_type=v4-32", f"--config={DEFAULT_EXPERIMENT}",
+                      "--workdir=/mnt/shared/runs/a",
+                      "--config.input.data_dir=/mnt/shared/no-such-tfds"]) == 0
+  assert "--config.input.data_dir=/mnt/shared/no-such-tfds" in capsys.readouterr().out
+
+
+def test_sweep_job_array_checks_every_member_on_the_jobs_devices(tmp_path, capsys):
+  spec = write_sweep_experiment(tmp_path, "sweep.product({'input.batch_size': [128, 100]})")
+  workdir = tmp_path / "sweep"
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
+                         "--launcher=slurm", "--nodes=2", "--gpus_per_node=8"]) == 2
+  captured = capsys.readouterr()
+  assert captured.err.strip().splitlines() == [
+      "vitcls: error: sweep member 2 of 2 (input.batch_size=100): config.input.batch_size "
+      "100 is not divisible by the 16 devices: use a multiple of 16"]
   assert not captured.out and not workdir.exists()

@@ -124,3 +124,17 @@ def test_curve_axes_have_integer_steps_and_accuracy_from_zero():
   report.format_curve(loss, "val/loss", [3], [2.3])
   assert loss.get_xlim() == (2, 4) and list(loss.get_xticks()) == [2, 3, 4]
   assert loss.get_ylim()[0] > 2  # Loss keeps its own scale.
+
+
+def test_report_names_the_classes_an_eval_had_no_example_of(tmp_path):
+  """An eval split with examples of one class of three: its balanced and worst-class
+  accuracy describe that class alone, and the report says so beside the numbers."""
+  _write_artifacts(tmp_path, confusion=np.array([[40, 0, 0], [0, 0, 0], [0, 0, 0]]),
+                   per_class_accuracy=np.array([1.0, np.nan, np.nan]),
+                   class_names=np.asarray(["big", "two", "one"]))
+  text = open(tmp_path / "report" / "report.md").read()
+  assert ("- test: 2 of 3 classes have no examples (two, one): n/a in the plot, and "
+          "balanced and worst-class accuracy are over the other 1.") in text
+  _write_artifacts(tmp_path, confusion=np.eye(3, dtype=int),
+                   per_class_accuracy=np.ones(3))
+  assert "have no examples" not in open(tmp_path / "report" / "report.md").read()

@@ -20,6 +20,7 @@ from vitcls import serving
 from vitcls.data import pp as pp_lib
 from vitcls.errors import UserError
 from vitcls.models import vit
+from vitcls.run import workdir as wdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RGB_SPEC = "value_range(-1,1)|onehot(4)"
@@ -187,12 +188,15 @@ def test_wrong_label_count_is_user_error(tmp_path):
                               label_names=LABELS[:3])
 
 
-def test_refuses_to_replace_a_directory_that_is_not_a_savedmodel(tmp_path):
+def test_refuses_to_replace_a_directory_or_file_that_is_not_a_savedmodel(tmp_path):
   model, params = _model(4, (16, 16, 3))
   (tmp_path / "notes.txt").write_text("keep me")
-  with pytest.raises(serving.ServingExportError, match="not a SavedModel"):
-    serving.export_savedmodel(tmp_path, model=model, params=params, pp_spec=RGB_SPEC,
-                              image_shape=(16, 16, 3))
+  kw = dict(model=model, params=params, pp_spec=RGB_SPEC, image_shape=(16, 16, 3))
+  with pytest.raises(wdir.OutputError, match="exists and is not a SavedModel"):
+    serving.export_savedmodel(tmp_path, **kw)
+  with pytest.raises(wdir.OutputError, match="is a file, not a SavedModel"):
+    serving.export_savedmodel(tmp_path / "notes.txt", **kw)
+  assert os.listdir(tmp_path) == ["notes.txt"]
   assert (tmp_path / "notes.txt").read_text() == "keep me"
 
 

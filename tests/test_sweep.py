@@ -99,6 +99,69 @@ def test_bad_sweeps_are_one_line_errors_before_anything_runs(tmp_path, source, e
   assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
+def test_every_member_passes_the_trainers_gate_before_any_starts(tmp_path):
+  """Problems only the trainer's gate finds (a model field, a range), in any member,
+  fail the whole sweep at once: one line a member, a problem of all of them once."""
+  spec = _experiment(tmp_path, "[{'lr': 0.1}, {'model.widht': 64}, {'input.batch_size': 0},"
+                               " {'model.widht': 64, 'input.batch_size': 0}]")
+  with pytest.raises(configs.ConfigError) as info:
+    sweep_members.load_members(spec)
+  lines = str(info.value).splitlines()
+  assert lines[0] == "4 problems in the sweep (no member was started):"
+  assert [l.strip().split(": ", 1)[0] for l in lines[1:]] == [
+      "sweep member 2 of 4 (model.widht=64)", "sweep member 3 of 4 (input.batch_size=0)",
+      "sweep member 4 of 4 (model.widht=64,input.batch_size=0)",
+      "sweep member 4 of 4 (model.widht=64,input.batch_size=0)"]
+  assert "unknown config key 'model.widht' for model 'vit'" in lines[1]
+  assert "config.input.batch_size must be > 0, got 0" in lines[2]
+  spec = _experiment(tmp_path, "[{'model.widht': 64}]")
+  with pytest.raises(sweep.SweepError) as info:  # Also a SweepError, as before.
+    sweep_members.load_members(spec)
+  assert str(info.value).startswith("sweep member 1 of 1 (model.widht=64): unknown config "
+                                    "key 'model.widht' for model 'vit'")
+  spec = _experiment(tmp_path, "sweep.product(lr=[0.1, 0.2])")
+  with pytest.raises(configs.ConfigError) as info:
+    sweep_members.load_members(spec, ["input.batch_size=0"])
+  assert str(info.value) == ("every sweep member: config.input.batch_size must be > 0, "
+                             "got 0")
+  members, _ = sweep_members.load_members(spec, ["input.batch_size=0"], check=False)
+  assert len(members) == 2  # --collect only resolves: the members ran elsewhere.
+
+
+def _no_member_may_start(monkeypatch):
+  def run(self):
+    raise AssertionError(f"the sweep started its members {self.members}")
+  monkeypatch.setattr(sweep_local.LocalRunner, "run", run)
+
+
+def test_the_cli_refuses_a_mixed_sweep_before_any_member_trains(tmp_path, capsys,
+                                                                 monkeypatch):
+  _no_member_may_start(monkeypatch)
+  spec = _experiment(tmp_path, "[{'model.width': 32}, {'model.widht': 64}]")
+  workdir = tmp_path / "sweep"
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(
+      "vitcls: error: sweep member 2 of 2 (model.widht=64): unknown config key "
+      "'model.widht' for model 'vit'"), err
+  assert not workdir.exists()
+
+
+def test_a_local_sweep_checks_the_devices_its_members_will_see(tmp_path, capsys,
+                                                               monkeypatch):
+  """The members train here: with 4 devices, a batch of 6 cannot split over them."""
+  _no_member_may_start(monkeypatch)
+  monkeypatch.setenv("XLA_FLAGS", xla_flags(4))  # What the members' trainers would see.
+  spec = _experiment(tmp_path, "sweep.product({'input.batch_size': [8, 6]})")
+  workdir = tmp_path / "sweep"
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["vitcls: error: sweep member 2 of 2 (input.batch_size=6): "
+                 "config.input.batch_size 6 is not divisible by the 4 devices: use a "
+                 "multiple of 4"]
+  assert not workdir.exists()
+
+
 def test_the_cli_prints_one_error_line_and_writes_nothing(tmp_path, capsys):
   spec = _experiment(tmp_path, "sweep.product(lr=[0.1, 0.2])")
   workdir = tmp_path / "sweep"
@@ -117,7 +180,7 @@ def test_the_cli_prints_one_error_line_and_writes_nothing(tmp_path, capsys):
 def test_the_table_reads_members_workdirs(tmp_path):
   """sweep.csv / sweep.md / sweep.png from members' metrics, without training."""
   spec = _experiment(tmp_path, "sweep.product({'input.pp': ['a|b', 'c'], 'lr': [1e-4, 1e-2]})")
-  members, resolved = sweep_members.load_members(spec)
+  members, resolved = sweep_members.load_members(spec, check=False)  # As --collect does.
   workdir = str(tmp_path / "sweep")
   for i, m in enumerate(members[:3]):
     os.makedirs(os.path.join(workdir, m.name))
@@ -148,6 +211,74 @@ def test_the_table_reads_members_workdirs(tmp_path):
   assert sweep_table.pick_metric([{"a/loss": 1, "b/map": 1}, {"c/top1": 1}], None) == "c/top1"
   assert sweep_table.pick_metric([{"a/loss": 1, "b/map": 1}], None) == "b/map"
   assert sweep_table.pick_metric([{"a/loss": 1}], "a/loss") == "a/loss"
+
+
+def _write_results(member_dir, top1):
+  os.makedirs(member_dir)
+  with open(os.path.join(member_dir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    f.write(json.dumps({"step": 1, "val/top1": top1}) + "\n")
+
+
+def test_members_overriding_different_keys_share_one_table_and_plot(tmp_path):
+  """Each member has a value on every swept column: its own, its config's, or none."""
+  spec = _experiment(tmp_path, "[{'model.width': 32}, {'model.depth': 2}, {'lr': 0.01}]")
+  members, resolved = sweep_members.load_members(spec)
+  base_lr = resolved[0].lr
+  workdir = str(tmp_path / "sweep")
+  for m, top1 in zip(members[:2], (0.5, 0.7)):
+    _write_results(os.path.join(workdir, m.name), top1)
+  table = sweep_table.collect(workdir, members, [10] * 3)
+  sweep_table.write_reports(workdir, table, spec, [])
+  with open(os.path.join(workdir, "sweep.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["model.width"], r["model.depth"], r["lr"]) for r in rows] == [
+      ("32", "", repr(base_lr)), ("", "2", repr(base_lr)), ("", "", "0.01")]
+  markdown = open(os.path.join(workdir, "sweep.md")).read()
+  assert f"| `model.depth=2` | — | 2 | {base_lr!r} | 0.7000 |" in markdown
+  with open(os.path.join(workdir, "sweep.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # Each panel's points lie on its axis: a member without the key is left out of it, one
+  # that inherits the key sits at its config's value.
+  assert sweep_table.panel(table, "model.depth") == ([2], [0.7], [2])
+  assert sweep_table.panel(table, "lr") == ([base_lr, base_lr], [0.5, 0.7],
+                                            [base_lr, base_lr, 0.01])
+
+
+ANY_KEY_TRAINER = """
+import json, os, sys
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+os.makedirs(args["workdir"], exist_ok=True)
+with open(os.path.join(args["workdir"], "metrics.jsonl"), "a") as f:
+  f.write(json.dumps({"step": 1, "loss": 1.0}) + "\\n")
+  f.write(json.dumps({"step": 1, "val/top1": len(args["workdir"]) / 1000}) + "\\n")
+"""
+
+
+def test_a_sweep_over_different_keys_finishes_and_collects(tmp_path, capsys):
+  """The runner refreshes the table after each member: it finishes, and so does a rerun
+  and `--collect` (a stand-in trainer that takes milliseconds)."""
+  spec = _experiment(tmp_path, "[{'model.width': 32}, {'model.depth': 2}]")
+  trainer = tmp_path / "fake_train.py"
+  trainer.write_text(ANY_KEY_TRAINER)
+  workdir = str(tmp_path / "sweep")
+
+  def run():
+    members, resolved = sweep_members.load_members(spec)
+    runner = sweep_local.LocalRunner(spec, workdir, members, resolved, [])
+    runner.trainer = [sys.executable, str(trainer)]
+    return runner.run()
+
+  assert run() == 0
+  assert run() == 0  # The rerun refreshes the table before anything else.
+  assert "2 already done, 0 to run" in capsys.readouterr().out
+  os.remove(os.path.join(workdir, "sweep.csv"))
+  assert sweep_cli.main(["vitcls sweep", f"--config={spec}", f"--workdir={workdir}",
+                         "--collect"]) == 0
+  with open(os.path.join(workdir, "sweep.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["name"], r["model.width"], r["model.depth"], r["status"]) for r in rows] == [
+      ("model.width=32", "32", "", "done"), ("model.depth=2", "", "2", "done")]
 
 
 def test_every_experiment_sweep_resolves():

@@ -142,8 +142,15 @@ def test_resuming_with_an_incompatible_config_is_a_clear_error(tmp_path):
     _train_in_process(workdir, "model.depth=2", "total_steps=6")
   error = str(info.value)
   assert "\n" not in error
-  assert "the checkpoint of step 3" in error and "does not fit this config" in error
+  assert "config.model.depth is 2 here but" in error and "Use a new --workdir" in error
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]  # Untouched.
+  # Without the recorded config (a workdir copied without it), the restore still finds it.
+  os.remove(os.path.join(workdir, "config.json"))
+  with pytest.raises(UserError) as info:
+    _train_in_process(workdir, "model.depth=2", "total_steps=6")
+  error = str(info.value)
+  assert "the checkpoint of step 3" in error and "does not fit this config" in error
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3"]
 
 
 def test_console_script_dispatches_to_the_trainer(tmp_path):

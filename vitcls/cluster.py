@@ -33,6 +33,11 @@ class Slurm:
   account: str | None = None
   sbatch_args: Sequence[str] = ()
 
+  @property
+  def num_devices(self) -> int:
+    """The JAX devices of one run: every GPU of each of its nodes."""
+    return self.nodes * (self.gpus_per_node or 0)
+
   def check(self) -> None:
     """Raises LaunchError for resources no SLURM run can use, before a script is written."""
     if self.nodes < 1:
@@ -42,6 +47,30 @@ class Slurm:
                         "each node gives the run; all of them are used by its one process)")
     if self.cpus_per_task is not None and self.cpus_per_task < 1:
       raise LaunchError(f"--cpus_per_task must be at least 1, got {self.cpus_per_task}")
+
+
+# TPU generation (as in gcloud's accelerator types, `v4-32`) -> (TensorCores per JAX
+# device, devices per host of a multi-host slice, most devices a single host has). The
+# number in the type counts TensorCores (v2-v5p) or chips (v5e "v5litepod", v6e);
+# v4 and v5p chips are one device of 2 cores (megacore).
+_TPU_GENERATIONS = {"v2": (1, 8, 8), "v3": (1, 8, 8), "v4": (2, 4, 4), "v5p": (2, 4, 4),
+                    "v5litepod": (1, 4, 8), "v6e": (1, 4, 8)}
+
+
+def tpu_topology(accelerator_type: str) -> tuple[int, int]:
+  """(JAX devices, processes) of a Cloud TPU VM slice, from its accelerator type
+  (`v4-32`: 16 devices on 4 hosts), so a config is checked against them before launch."""
+  generation, _, count = accelerator_type.strip().lower().rpartition("-")
+  if generation not in _TPU_GENERATIONS or not count.isdigit() or int(count) < 1:
+    raise LaunchError(f"--accelerator_type={accelerator_type} is not a TPU type vitcls "
+                      f"knows: give one such as v4-32 ({', '.join(_TPU_GENERATIONS)}), or "
+                      f"leave the flag out to skip checking the config against it")
+  cores, per_host, single_host = _TPU_GENERATIONS[generation]
+  if int(count) % cores:
+    raise LaunchError(f"--accelerator_type={accelerator_type}: {generation} slices have a "
+                      f"multiple of {cores} cores, e.g. {generation}-{8 * cores}")
+  devices = int(count) // cores
+  return devices, 1 if devices <= single_host else -(-devices // per_host)
 
 
 def absolute_spec(spec: str) -> str:

@@ -173,13 +173,22 @@ def import_experiment(path: str):
 def load_experiment(spec: str) -> ConfigDict:
   """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
-  module = import_experiment(path)
+  return experiment_config(import_experiment(path), path, arg or None)
+
+
+def experiment_config(module, path: str, arg: str | None = None) -> ConfigDict:
+  """`module.get_config(arg)` of the experiment file at `path`, or one ConfigError line:
+  what it raised, with the file's line, or what it returned when not a config."""
   try:
-    return module.get_config(arg or None)
+    config = module.get_config(arg)
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise _experiment_error(path, "failed in get_config", e) from e
+  if not isinstance(config, (ConfigDict, dict)):
+    raise ConfigError(f"experiment {path}: get_config returned {type(config).__name__}, "
+                      f"not a ConfigDict: end it with `return config`")
+  return config
 
 
 def _experiment_error(path: str, what: str, error: Exception) -> ConfigError:

@@ -5,6 +5,8 @@ checkpoint (the latest, or `--step`) as flat `/`-joined keys, big_vision's layou
 big_vision's own `load` functions and vitcls's `model_init` read unchanged; `savedmodel`
 writes a TensorFlow SavedModel that takes uint8 RGB images of any size and returns class
 probabilities, with the eval preprocessing inside, servable without vitcls or JAX.
+`--output` replaces only its own kind (an npz; a SavedModel or an empty folder) and is
+checked before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from absl import app, logging
 
 from vitcls import flags, inspection
 from vitcls.run import checkpoint
+from vitcls.run import workdir as wdir
 from vitcls.errors import UserError
 from vitcls.models import loading
 
@@ -36,6 +39,7 @@ def _define_flags() -> list[str]:
 
 def export_npz(workdir: str, output: str, step: int | None = None) -> str:
   """Writes the params of `workdir`'s checkpoint to `output` in big_vision's npz layout."""
+  wdir.check_output(output, wdir.NPZ)
   params = checkpoint.load_params(workdir, step)
   loading.write_npz(output, params)
   return output
@@ -44,6 +48,7 @@ def export_npz(workdir: str, output: str, step: int | None = None) -> str:
 def export_savedmodel(workdir: str, output: str, step: int | None = None) -> str:
   """Writes a TF SavedModel of `workdir`'s checkpoint: uint8 RGB in, probabilities out."""
   from vitcls import serving  # pylint: disable=g-import-not-at-top
+  wdir.check_output(output, serving.SAVEDMODEL)
   config, model, params = inspection.load_run(workdir, step)
   pp_spec, image_shape, label_names = inspection.serving_inputs(config)
   return serving.export_savedmodel(output, model=model, params=params, pp_spec=pp_spec,

@@ -5,7 +5,8 @@ flags with `define` when it starts, not on import: several CLIs share a process 
 and in the README runner, and a name several define (--workdir, --output) must have the
 running CLI's meaning. `parser` is the `flags_parser` they all give `absl.app.run`:
 `--config.KEY=VALUE` arguments become config overrides, a bad flag is one error line
-(exit 2), and --help lists the CLI's own flags.
+(exit 2; a config field given as a flag, `--total_steps=5`, is shown as the override it
+meant), and --help lists the CLI's own flags.
 """
 
 from __future__ import annotations
@@ -110,8 +111,33 @@ def parse(argv: Sequence[str], config_overrides: bool = True
   FLAGS.unparse_flags()
   try:
     return FLAGS(rest), overrides
+  except flags.UnrecognizedFlagError as e:
+    given = e.flagvalue or f"--{e.flagname}"  # The argument as typed.
+    if config_overrides and _is_config_key(e.flagname):
+      raise FlagError(f"unknown flag {given}: a config field is set with "
+                      f"--config.KEY=VALUE: give {_as_override(given)}") from e
+    raise FlagError(f"{str(e).splitlines()[0]}: see --help for the flags") from e
   except flags.Error as e:
     raise FlagError(f"{str(e).splitlines()[0]}: see --help for the flags") from e
+
+
+def _is_config_key(name: str) -> bool:
+  """Whether `name` (maybe dotted, `input.batch_size`) is a field of the config schema."""
+  from vitcls import configs  # pylint: disable=g-import-not-at-top
+  node = configs.defaults()
+  for part in name.split("."):
+    if not isinstance(node, configs.ConfigDict) or part not in node:
+      return False
+    if part in configs.FREE_FORM:  # Its keys belong to the model, optimiser, evaluator.
+      return True
+    node = node[part]
+  return True
+
+
+def _as_override(arg: str) -> str:
+  """`--total_steps=5` as the override it was meant to be: `--config.total_steps=5`."""
+  name, sep, value = arg.lstrip("-").partition("=")
+  return f"--config.{name}={value if sep else 'VALUE'}"
 
 
 def run_command(rest: Sequence[str], overrides: Sequence[str],

@@ -1,7 +1,8 @@
 """`python -m vitcls.launch`: the sbatch script or TPU pod command for one multi-host run.
 
-Nothing here talks to a cluster: it checks the config (so a typo fails here, not after
-an hour in the queue), then writes a script or prints a command for you to run. The
+Nothing here talks to a cluster: it checks the config against the devices and processes
+it will run on (so a typo or a batch that does not split over 16 GPUs fails here, not
+after an hour in the queue), then writes a script or prints a command for you to run. The
 training code is the same everywhere; `--distributed` makes each process call
 `jax.distributed.initialize()`, which reads the cluster from its environment.
 
@@ -27,6 +28,10 @@ Cluster assumptions, Cloud TPU VM pods (`--launcher=tpu`):
   * the workdir is on storage every worker sees at the same path: vitcls writes it with
     plain file I/O, so an NFS / Filestore mount or a gcsfuse-mounted bucket, not a gs://
     URL. Checkpoints are written by all workers together; metrics and reports by worker 0.
+  * the data and `model_init` are the workers' too, so only the config's keys are checked
+    here, and its batch and mesh on the slice when `--accelerator_type` (e.g. v4-32)
+    says which; a SLURM script is checked by the trainer's whole gate, on the filesystem
+    its nodes share.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Sequence
 
 from absl import app
 
-from vitcls import cluster, configs, flags
+from vitcls import cluster, configs, flags, validate
 from vitcls.run import workdir as wdir
 
 FLAGS = flags.FLAGS
@@ -59,12 +64,43 @@ def _define_flags() -> list[str]:
                    "gcloud's."),
       flags.define("string", "repo_dir", "~/vitcls", "TPU: the vitcls checkout on every "
                    "worker."),
+      flags.define("string", "accelerator_type", None, "TPU: the slice's accelerator type, "
+                   "e.g. v4-32 (`gcloud compute tpus tpu-vm describe` shows it): the config's "
+                   "batch and mesh are checked against its devices and hosts."),
   ]
 
 
-def _check_config(spec: str, overrides: Sequence[str]):
-  """The resolved config of `spec` with `KEY=VALUE` overrides; raises on any bad key."""
-  return configs.resolve(configs.load_experiment(spec), overrides)
+def _check_slurm(spec: str, overrides: Sequence[str], slurm: cluster.Slurm) -> None:
+  """The trainer's gate on the config the job will run, on its devices and processes: the
+  script is written on the filesystem its nodes share, so its files are checked too."""
+  bad: list[str] = []
+  config = configs.resolve(configs.load_experiment(spec), overrides, errors=bad)
+  validate.check(config, num_devices=slurm.num_devices, process_count=slurm.nodes,
+                 known=bad)
+
+
+def _topology_problems(config, num_devices: int, process_count: int) -> list[str]:
+  """The trainer gate's problems of `config` that come from running on `num_devices`
+  devices in `process_count` processes: those it finds with them and not without."""
+  alone = set(validate.problems(config))
+  return [p for p in validate.problems(config, num_devices=num_devices,
+                                       process_count=process_count) if p not in alone]
+
+
+def _check_tpu(spec: str, overrides: Sequence[str], topology: tuple[int, int] | None
+               ) -> None:
+  """The config's keys, and its batch and mesh on the slice's (devices, processes) when
+  known. Not the rest of the trainer's gate: that checks the dataset and model_init on
+  this machine's disks, and the run reads the workers'."""
+  found: list[str] = []
+  config = configs.resolve(configs.load_experiment(spec), overrides, errors=found)
+  if topology:
+    found += _topology_problems(config, *topology)
+  if len(found) == 1:
+    raise configs.ConfigError(found[0])
+  if found:
+    raise configs.ConfigError(f"{len(found)} problems in the config:\n  "
+                              + "\n  ".join(found))
 
 
 def _launch(overrides: Sequence[str]) -> None:
@@ -82,7 +118,9 @@ def _launch(overrides: Sequence[str]) -> None:
       raise cluster.LaunchError(f"--launcher=tpu needs {' and '.join(missing)}: the TPU "
                                 f"VM's name and zone, as `gcloud compute tpus tpu-vm list` "
                                 f"shows them")
-    _check_config(FLAGS.config, overrides)
+    topology = (cluster.tpu_topology(FLAGS.accelerator_type) if FLAGS.accelerator_type
+                else None)
+    _check_tpu(FLAGS.config, overrides, topology)
     print(cluster.tpu_command(FLAGS.config, FLAGS.workdir, overrides, tpu=FLAGS.tpu,
                               zone=FLAGS.zone, project=FLAGS.project,
                               repo_dir=FLAGS.repo_dir, python=FLAGS.python))
@@ -92,7 +130,7 @@ def _launch(overrides: Sequence[str]) -> None:
     return
   slurm = flags.slurm_from_flags()
   slurm.check()
-  _check_config(FLAGS.config, overrides)
+  _check_slurm(FLAGS.config, overrides, slurm)
   text = cluster.slurm_run_script(FLAGS.config, FLAGS.workdir, overrides, slurm,
                                   python=FLAGS.python, job_name=FLAGS.job_name)
   output = FLAGS.output or os.path.join(FLAGS.workdir, wdir.LAUNCH_SCRIPT)

@@ -6,7 +6,8 @@ OOD score (the negative maximum softmax probability) and an "I don't know" flag 
 score is above the threshold chosen on in-distribution validation data: the ood
 evaluator's `msp/threshold` when the run has one, else the score below which 95% of the
 first evaluator's split falls. A file that cannot be read gets a row with its error; the
-run never stops for one file.
+run never stops for one file. `--output` replaces only a predictions CSV (or an empty
+file); it and the other flags are checked before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vitcls.errors import UserError
 
 FLAGS = flags.FLAGS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+LAST_COLUMNS = ["ood_score", "ood_flag", "error"]  # After path and the top-k labels.
 
 
 def _define_flags() -> list[str]:
@@ -41,6 +43,34 @@ def _define_flags() -> list[str]:
       flags.define("integer", "topk", 5, "Labels per row."),
       flags.define("integer", "batch_size", 64, "Images per forward pass."),
   ]
+
+
+def columns(topk: int) -> list[str]:
+  """The CSV's header."""
+  labels = [f"{k}_{r}" for r in range(1, topk + 1) for k in ("label", "prob")]
+  return ["path", *labels, *LAST_COLUMNS]
+
+
+def is_predictions(path: str) -> bool:
+  """A CSV this command wrote (its header), which a new one may replace."""
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      header = next(csv.reader([f.readline(1 << 16)]), [])
+  except (OSError, UnicodeDecodeError, csv.Error):
+    return False
+  return header[:1] == ["path"] and header[-len(LAST_COLUMNS):] == LAST_COLUMNS
+
+
+PREDICTIONS = wdir.Output("a predictions CSV", folder=False, is_own=is_predictions)
+
+
+def check_flags(output: str, topk: int, batch_size: int) -> None:
+  """Refuses bad values (UserError) before any work: a count below 1, an output that
+  would replace what is not a predictions CSV."""
+  for name, value in (("topk", topk), ("batch_size", batch_size)):
+    if value < 1:
+      raise UserError(f"--{name} must be a positive integer, got {value!r}")
+  wdir.check_output(output, PREDICTIONS)
 
 
 def list_images(path: str) -> list[str]:
@@ -83,6 +113,8 @@ def _load_chunk(paths: list[str], pp: pp_lib.Preprocess, image_shape):
 def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
             batch_size: int = 64) -> dict[str, int]:
   """Writes the predictions CSV; returns {'predicted': n, 'failed': m, 'flagged': k}."""
+  check_flags(output, topk, batch_size)
+  files = list_images(inputs)
   config, model, params = inspection.load_run(workdir, step)
   mesh = sharding.make_mesh([("data", 1)], jax.devices()[:1])
   pp_spec, image_shape, names = inspection.serving_inputs(config)
@@ -90,8 +122,7 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
   threshold = inspection.ood_threshold(workdir, config, model, params, mesh)
   forward = jax.jit(lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)[0]))
   on_device = jax.device_put(params)  # Once, not with every batch.
-  files = list_images(inputs)
-  topk = max(1, min(topk, config.num_classes))
+  topk = min(topk, config.num_classes)
   rows, counts = [], {"predicted": 0, "failed": 0, "flagged": 0}
   chunks = [files[start:start + batch_size] for start in range(0, len(files), batch_size)]
   loaded = _load_chunk(chunks[0], pp, image_shape) if chunks else None
@@ -121,10 +152,8 @@ def predict(workdir: str, inputs: str, output: str, *, topk: int = 5, step=None,
       rows.append(row)
       counts["predicted"] += 1
       counts["flagged"] += row["ood_flag"]
-  columns = ["path"] + [f"{k}_{r}" for r in range(1, topk + 1) for k in ("label", "prob")]
-  columns += ["ood_score", "ood_flag", "error"]
-  with wdir.atomic_file(output, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
+  with wdir.atomic_file(output, "w", newline="", kind=PREDICTIONS) as f:
+    writer = csv.DictWriter(f, fieldnames=columns(topk))
     writer.writeheader()
     writer.writerows(rows)
   if counts["failed"]:

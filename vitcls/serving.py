@@ -45,7 +45,15 @@ LABELS_FILE = "labels.txt"
 
 
 class ServingExportError(UserError):
-  """The model, its pp or the output path cannot be exported for serving."""
+  """The model or its pp cannot be exported for serving."""
+
+
+def is_savedmodel(path: str) -> bool:
+  """A folder holding a SavedModel (what a new export may replace)."""
+  return os.path.isfile(os.path.join(path, "saved_model.pb"))
+
+
+SAVEDMODEL = wdir.Output("a SavedModel", folder=True, is_own=is_savedmodel)
 
 
 def image_ops(pp_spec: str) -> list[ImageOp]:
@@ -175,19 +183,12 @@ def _check_labels(label_names, num_classes: int) -> list[str]:
   return names
 
 
-def _is_replaceable(path: str) -> bool:
-  """True for a missing path, an empty directory or a SavedModel."""
-  if not os.path.lexists(path):
-    return True
-  return os.path.isdir(path) and (not os.listdir(path) or
-                                  os.path.isfile(os.path.join(path, "saved_model.pb")))
-
-
 def export_savedmodel(output_dir, *, model, params, pp_spec: str,
                       image_shape: Sequence[int],
                       label_names: Optional[Sequence[str]] = None) -> str:
   """Writes a SavedModel that serves `model` on uint8 RGB images; returns output_dir.
 
+  output_dir: replaced only when it is a SavedModel or an empty folder (else OutputError).
   model/params: a vitcls classifier (`model.apply({'params': params}, images,
     train=False)` -> (logits, aux)) and its params, fetchable to the host.
   pp_spec: the eval preprocessing, e.g. "resize(224)|value_range(-1,1)|onehot(1000)".
@@ -197,13 +198,11 @@ def export_savedmodel(output_dir, *, model, params, pp_spec: str,
   and `logits`, float32 [batch, num_classes]; see the module docstring for the steps.
   """
   output_dir = os.fspath(output_dir)
+  wdir.check_output(output_dir, SAVEDMODEL)  # Before any work.
   image_shape = _check_image_shape(image_shape)
   ops = image_ops(pp_spec)
   num_classes = _num_classes(model, params, image_shape)
   labels = None if label_names is None else _check_labels(label_names, num_classes)
-  if not _is_replaceable(output_dir):
-    raise ServingExportError(f"'{output_dir}' exists and is not a SavedModel: choose a new "
-                             f"output directory or remove it")
 
   def write(tmp):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -216,5 +215,5 @@ def export_savedmodel(output_dir, *, model, params, pp_spec: str,
       module = _serving_module(model, params, ops, image_shape, labels_path)
       tf.saved_model.save(module, tmp, signatures={"serving_default": module.serve})
 
-  wdir.atomic_dir(output_dir, write)
+  wdir.atomic_dir(output_dir, write, kind=SAVEDMODEL)
   return output_dir

@@ -6,7 +6,9 @@ reported in about a second, every problem at once; then it joins the other proce
 a multi-host run and trains. Running the same command on the same workdir resumes
 exactly where the last checkpoint left off. `--config.KEY=VALUE` overrides one field of
 the experiment's config. Exit codes: 0 done or stopped on request (SIGTERM, preemption:
-the checkpoint of the last step is saved), 2 a user error (one line), other: a crash.
+the checkpoint of the last step is saved), 130 stopped by Ctrl-C (the same, saved; twice:
+at once), 2 a user error or a checkpoint that cannot be written (one line), other: a
+crash.
 """
 
 from __future__ import annotations
@@ -45,14 +47,25 @@ def train(config, workdir: str) -> dict[str, float]:
 
 
 _OVERRIDES: list[str] = []
+_INTERRUPTED = 128 + 2  # The shell's exit code for a process ended by Ctrl-C (SIGINT).
 
 
 class _QuietLibraries:
-  """Drops INFO logs of orbax and grain, which report every file they touch."""
+  """Drops INFO logs of orbax and grain, which report every file they touch, and the
+  tracebacks of orbax's background threads: a failed save is reported by vitcls in one
+  line (its cause and the last good checkpoint), each of orbax's threads would add a
+  page of the same error."""
   _NOISY = ("/orbax/", "/grain/")
 
   def filter(self, record) -> bool:
-    return record.levelno > 20 or not any(n in record.pathname for n in self._NOISY)
+    if "/asyncio/" in record.pathname and "/orbax/" in str(record.msg) + str(record.args):
+      return False  # "Task exception was never retrieved": orbax's writes after a failure.
+    if not any(n in record.pathname for n in self._NOISY):
+      return True
+    if record.levelno <= 20:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _compilation_cache(config) -> None:
@@ -89,6 +102,7 @@ def main(argv) -> None:
                              errors=bad_overrides)
     # Everything but the devices now, before any heavy import; the devices once known.
     validate.check(config, process_count=FLAGS.num_processes or 1, known=bad_overrides)
+    validate.check_workdir(FLAGS.workdir)
     _compilation_cache(config)
     _join_cluster(config)
     import jax  # pylint: disable=g-import-not-at-top
@@ -99,10 +113,15 @@ def main(argv) -> None:
       final = loop.train(config, FLAGS.workdir)
     except loop.Preempted as e:
       print(f"vitcls: {e}", file=sys.stderr)
-      sys.exit(0)
+      sys.exit(_INTERRUPTED if e.interrupted else 0)
   except UserError as e:
     print(f"vitcls: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("vitcls: interrupted at once (Ctrl-C twice, or before training started): "
+          "steps since the last checkpoint are lost; run the same command to resume",
+          file=sys.stderr)
+    sys.exit(_INTERRUPTED)
   if final:
     print("Final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())))
 

@@ -6,8 +6,13 @@ person waiting for it, and often a queue slot. `problems(config)` runs in well u
 second (NumPy and PIL are its heaviest imports; no JAX, TensorFlow or flax) and returns
 every problem it finds, one line each: field types against `configs.defaults()`, ranges,
 names (model and its fields, optimiser, schedule, loss, evaluators and their keys, pp
-ops), regexes, the mesh and batch against a device and process count when given, and
-the files the config names. `check(config)` raises one `ConfigError` listing them all.
+ops), the model's field values (the rules its file declares, `models.field_rules`),
+regexes, the mesh and batch against a device and process count when given, the files
+the config names, and what the model is given: each pp is run once on a blank example
+of its dataset's image shape (`sources.facts`, or two unlike shapes where images vary),
+so its images are checked against the model's patch and its labels' depth, like each
+dataset's classes, against the classes they are for. `check(config)` raises one
+`ConfigError` listing them all; `check_workdir` does the same for the trainer's workdir.
 
 It is the only gate: `vitcls.run.build` calls `check` first, and the library modules do
 not check the config again. What only a built run knows is checked here too, by functions
@@ -21,9 +26,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, NamedTuple, Sequence
 
 from vitcls import configs
+from vitcls.errors import UserError
 
 ConfigError = configs.ConfigError
 # Fields that may be None besides their default's type.
@@ -85,6 +91,29 @@ def check_mesh(axes, num_devices: int) -> None:
   _raise(found)
 
 
+def check_workdir(path: str) -> None:
+  """Raises ConfigError unless `path` is a folder this user can write, or can be made one.
+
+  The trainer calls it with the config check, before JAX loads: a workdir that is a
+  file, lies under a file, or is read-only would otherwise fail at the first file it
+  writes, after the imports and the compilation.
+  """
+  full = os.path.abspath(os.path.expanduser(path))
+  there = full  # The nearest part of the path that exists: what must be a writable folder.
+  while not os.path.lexists(there) and os.path.dirname(there) != there:
+    there = os.path.dirname(there)
+  if there == full and not os.path.isdir(full):
+    raise ConfigError(f"--workdir '{path}' is a file, not a folder: give the path of a "
+                      f"folder (it is made when missing)")
+  if not os.path.isdir(there):
+    raise ConfigError(f"--workdir '{path}' lies under '{there}', which is a file, not a "
+                      f"folder: give a path under a folder")
+  if not os.access(there, os.W_OK | os.X_OK):
+    which = "it" if there == full else f"'{there}', where it would be made,"
+    raise ConfigError(f"--workdir '{path}' cannot be written: {which} is read-only for "
+                      f"this user: give a folder you can write to")
+
+
 def _raise(found: list[str]) -> None:
   if len(found) == 1:
     raise ConfigError(found[0])
@@ -99,12 +128,13 @@ def problems(config, *, num_devices: int | None = None, process_count: int = 1,
   _types(config, configs.defaults(), "", out)
   if out:  # Range checks below assume the types are right.
     return out
-  for check_fn in (_durations, _optimiser, _schedule, _regularisation, _input, _model,
-                   _evals):
+  for check_fn in (_seed, _durations, _optimiser, _schedule, _regularisation, _input,
+                   _model, _evals):
     check_fn(config, out)
   _files(config, out, model_init=training)
   _logging(config, out)
   _devices(config, num_devices, process_count, out)
+  _given(config, out)
   return out
 
 
@@ -155,6 +185,11 @@ def _describe(expected) -> str:
 def _need(out: list[str], ok: bool, message: str) -> None:
   if not ok:
     out.append(message)
+
+
+def _seed(c, out) -> None:
+  _need(out, 0 <= c.seed < 2 ** 63, f"config.seed must be in [0, 2**63) (NumPy and JAX "
+        f"take no negative seed), got {c.seed}")
 
 
 def _durations(c, out) -> None:
@@ -272,7 +307,12 @@ def _input(c, out) -> None:
       pp.plan(i.pp, on_device=True)  # Reads the registry only: no JAX.
     except pp.PreprocessError as e:
       out.append(f"config.{e}")
-  _need(out, c.num_classes > 0, f"config.num_classes must be > 0, got {c.num_classes}")
+  if c.loss == "softmax_xent":  # A softmax over one class is 1 whatever the model says.
+    _need(out, c.num_classes >= 2, f"config.num_classes must be >= 2 with loss "
+          f"softmax_xent (over one class every prediction is right: loss 0, top-1 1.0), "
+          f"got {c.num_classes}")
+  else:
+    _need(out, c.num_classes > 0, f"config.num_classes must be > 0, got {c.num_classes}")
 
 
 def _model(c, out) -> None:
@@ -283,10 +323,88 @@ def _model(c, out) -> None:
                f"{', '.join(names)}")
     return
   known = models.fields(c.model_name)
-  for key in c.model:
+  rules = models.field_rules(c.model_name)
+  for key, value in c.model.items():
     if key not in known:
       out.append(f"unknown config key 'model.{key}' for model '{c.model_name}': known "
                  f"fields are {', '.join(sorted(known))}")
+    elif key in rules and value is not None:
+      _need(out, _follows(value, rules[key]), f"config.model.{key} must be "
+            f"{_rule_text(rules[key])}, got {_plain(value)!r}")
+
+
+# The kinds of rule a model's FIELD_RULES gives (`vitcls.models.field_rules`): whether a
+# value follows it, and what it asks for.
+_RULE_KINDS = {
+    "positive": (lambda v: _positive_int(v) or (
+        isinstance(v, (list, tuple)) and bool(v) and all(map(_positive_int, v))),
+                 "a positive integer or a list of them"),
+    "rate": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "patch": (lambda v: _patch(v) is not None,
+              "a positive integer or a (height, width) pair of them"),
+}
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _plain(value):
+  """A config value as it was typed: lists for ConfigDict's tuples."""
+  return list(value) if isinstance(value, tuple) else value
+
+
+def _patch(value) -> tuple[int, int] | None:
+  """A "patch" field's (height, width), or None when the value is not one."""
+  if _positive_int(value):
+    return value, value
+  if isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_positive_int, value)):
+    return tuple(value)
+  return None
+
+
+def _variant_patch(value, names) -> int | None:
+  """The PATCH of a variant 'NAME/PATCH' with NAME in `names`, or None if it is not one."""
+  name, _, patch = value.partition("/") if isinstance(value, str) else ("", "", "")
+  return int(patch) if name in names and patch.isdigit() and int(patch) > 0 else None
+
+
+def _follows(value, rule) -> bool:
+  if isinstance(rule, dict):
+    return _variant_patch(value, rule) is not None
+  if isinstance(rule, (list, tuple)):
+    return value in rule
+  return _RULE_KINDS[rule][0](value)
+
+
+def _rule_text(rule) -> str:
+  if isinstance(rule, dict):
+    return f"'NAME/PATCH' with NAME one of {', '.join(rule)} (e.g. 'S/16')"
+  if isinstance(rule, (list, tuple)):
+    return f"one of {', '.join(map(repr, rule))}"
+  return _RULE_KINDS[rule][1]
+
+
+def _model_patch(c) -> tuple[str, tuple[int, int]] | None:
+  """(the field that sets it, (height, width)) of the model's patch, if it has one.
+
+  A "patch" field set wins over a variant's PATCH (see `vitcls.models.field_rules`).
+  """
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  rules = models.field_rules(c.model_name)
+  for key, rule in rules.items():
+    if rule == "patch" and c.model.get(key) is not None:
+      size = _patch(c.model[key])
+      return (key, size) if size else None
+  for key, rule in rules.items():
+    if isinstance(rule, dict) and c.model.get(key) is not None:
+      size = _variant_patch(c.model[key], rule)
+      return (key, (size, size)) if size else None
+  return None
 
 
 def _evals(c, out) -> None:
@@ -325,7 +443,13 @@ def _dataset(out, key: str, name: str, data_dir: str) -> None:
   from vitcls.data import embedded, folder, sources  # pylint: disable=g-import-not-at-top
   if folder.is_folder(name):
     path = folder.path_of(name)
-    _need(out, os.path.isdir(path), f"config.{key}: folder '{path}' does not exist")
+    if not os.path.isdir(path):
+      out.append(f"config.{key}: folder '{path}' does not exist")
+      return
+    try:
+      folder.class_names(path)  # Its layout, from folder names alone.
+    except folder.FolderError as e:
+      out.append(f"config.{key}: {e}")
     return
   if name in embedded.BUILDERS:
     return
@@ -335,6 +459,118 @@ def _dataset(out, key: str, name: str, data_dir: str) -> None:
         f"config.{key}: dataset '{name}' is not prepared in {root}: prepare it with "
         f"`tfds build {base} --file_format=array_record --data_dir={root}` or set "
         f"TFDS_DATA_DIR / config.input.data_dir to where it is")
+
+
+class _Feed(NamedTuple):
+  """A pp and the dataset it reads, as the model is given them (by training or an eval)."""
+  pp_key: str  # Where the config sets the pp, e.g. "input.pp".
+  data_key: str  # Where it names the dataset.
+  name: str  # The dataset.
+  spec: str
+  count_key: str | None  # The config key of the classes its labels are for (None: none).
+  count: int | None
+
+
+def _feeds(c) -> list[_Feed]:
+  """Every pp the model is given images from: training's, then each evaluator's."""
+  from vitcls import evaluators  # pylint: disable=g-import-not-at-top
+  train = c.input.data.get("name")
+  feeds = [_Feed("input.pp", "input.data.name", train, c.input.pp, "num_classes",
+                 c.num_classes)]
+  for name, ev in c.evals.items():
+    try:
+      ev = evaluators.resolve(name, ev)
+    except ConfigError:  # `_evals` reports it.
+      continue
+    own = ev.get("num_classes")  # An evaluator that names its classes (a few-shot probe).
+    count = ((f"evals.{name}.num_classes", own) if own else ("num_classes", c.num_classes))
+    data = ((f"evals.{name}.data", ev.data) if ev.get("data") else
+            ("input.data.name", train))
+    feeds.append(_Feed(f"evals.{name}.pp", *data, ev.get("pp"), *count))
+    if ev.get("ood_data"):  # Images unlike the training data: their labels go unused.
+      feeds.append(_Feed(f"evals.{name}.ood_pp", f"evals.{name}.ood_data", ev.ood_data,
+                         ev.get("ood_pp") or ev.get("pp"), None, None))
+  return feeds
+
+
+# Two unlike image shapes: what a pp makes of both, when the data's own shape is not known
+# (a folder's images vary), is the size it resizes or crops every image to.
+_PROBES = ((37, 53, 3), (61, 41, 3))
+
+
+def _made(spec, shape) -> tuple[tuple[int, int] | None, int | None] | None:
+  """What pp `spec` makes of an example whose image has `shape`: (the image's height and
+  width, the labels' depth), each None where it varies or no op makes it; None when the
+  spec does not run on such an example (a bad spec is reported by `_pp`, the rest by
+  the run). With no `shape`, the spec runs on `_PROBES`. Host ops only, on tiny images:
+  milliseconds, no JAX."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vitcls.data import pp  # pylint: disable=g-import-not-at-top
+  given = np.zeros((1,), np.int64)  # A multi-label dataset's own labels, left as they are.
+  try:
+    run = pp.parse(spec)
+    made = [run({"image": np.zeros(s, np.uint8), "label": np.int64(0), "labels": given},
+                np.random.default_rng(0)) for s in ([shape] if shape else _PROBES)]
+  except Exception:  # pylint: disable=broad-except
+    return None  # Any op may refuse a blank example; the run will say why, if it must.
+  sizes = {np.shape(m.get("image"))[:2] for m in made}
+  size = sizes.pop() if len(sizes) == 1 else None
+  labels = made[0].get("labels")
+  depth = None if labels is given or np.ndim(labels) < 1 else np.shape(labels)[-1]
+  return (size if size is not None and len(size) == 2 else None), depth
+
+
+def _given(c, out) -> None:
+  """What the model is given: each dataset's classes and each pp's labels against the
+  classes they are for, and each pp's images against the model's patch (a patch larger
+  than the image leaves the model no token, and training NaN)."""
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  from vitcls.data import folder, sources  # pylint: disable=g-import-not-at-top
+  patch = _model_patch(c) if c.model_name in models.available() else None
+  told = set()
+  for feed in _feeds(c):
+    if not isinstance(feed.name, str) or not isinstance(feed.spec, str):
+      continue  # Reported by `_input` / `_evals`.
+    if not (isinstance(feed.count, int) and feed.count > 0):
+      feed = feed._replace(count_key=None)  # A bad count is reported by `_input`.
+    try:
+      facts = sources.facts(feed.name, c.input.data_dir or None)
+    except UserError:  # A folder not laid out as one: `_dataset` reports it.
+      continue
+    what = (f"folder '{folder.path_of(feed.name)}'" if folder.is_folder(feed.name) else
+            f"dataset '{feed.name}'")
+    if (feed.count_key and facts.num_classes not in (None, feed.count)
+        and (feed.name, feed.count_key) not in told):
+      told.add((feed.name, feed.count_key))
+      out.append(_class_count(feed, what, facts))
+    made = _made(feed.spec, facts.image_shape)
+    if made is None:
+      continue
+    size, depth = made
+    if feed.count_key and depth is not None and depth != feed.count:
+      out.append(f"config.{feed.pp_key} makes labels of depth {depth} but config."
+                 f"{feed.count_key} is {feed.count}: give its label op (onehot, multihot) "
+                 f"depth {feed.count}")
+    if patch and size and (patch[1][0] > size[0] or patch[1][1] > size[1]):
+      if "patch" not in told:
+        told.add("patch")
+        key, (ph, pw) = patch
+        out.append(f"config.model.{key}={_plain(c.model[key])!r}: its {ph}x{pw} patches "
+                   f"do not fit in the {size[0]}x{size[1]} images config.{feed.pp_key} "
+                   f"makes of {what}: use a patch of at most {size[0]}x{size[1]} pixels, "
+                   f"or a larger resize in the pp")
+
+
+def _class_count(feed: _Feed, what: str, facts) -> str:
+  """The line for a dataset whose classes are not those its labels are made for."""
+  names = facts.class_names or []
+  shown = f" ({', '.join(names)})" if 0 < len(names) <= 10 else ""
+  if feed.data_key == "input.data.name" or feed.count_key != "num_classes":
+    return (f"config.{feed.count_key} is {feed.count} but {what} (config.{feed.data_key}) "
+            f"has {facts.num_classes} classes{shown}: set config.{feed.count_key}="
+            f"{facts.num_classes}")
+  return (f"config.{feed.data_key}: {what} has {facts.num_classes} classes{shown} but the "
+          f"model has {feed.count} (config.num_classes): evaluate on data with its classes")
 
 
 def _logging(c, out) -> None:

@@ -20,7 +20,10 @@ hidden files and folders (a leading '.') are ignored. The class names are the so
 split folder, so a label means the same class in every split even if one split lacks a
 class; label = index in that list. A split's files are ordered by label, then by their
 path below the class folder (code point order again), so index i is the same file on
-every machine.
+every machine. A split that lacks some classes (in the flat layout: classes of fewer
+than 3 images, none held out) opens with a warning naming them, since its per-class
+metrics can only describe the others; `class_names` reads the classes from the folder
+names alone, for `vitcls.validate` to compare with the config's num_classes.
 
 Opening a source checks every image file once (see `_check`), so that a file that does
 not decode can never stop training mid-epoch: such files are skipped, with a count and a
@@ -60,7 +63,9 @@ SPLIT_FOLDERS = {
     "test": ("test",),
 }
 _SPLIT_NAMES = frozenset(n for names in SPLIT_FOLDERS.values() for n in names)
-_NAMED_IN_WARNING = 5  # Skipped files a warning names; the rest are counted.
+_NAMED_IN_WARNING = 5  # Skipped files (or missing classes) a warning names.
+# Images a class needs for the flat layout's split to hold one out: round(n * 0.2) >= 1.
+_HELD_OUT_MIN = 3
 _CHECK_THREADS = 8  # Decoding releases the GIL; more threads than cores only hide I/O.
 _DECODE = pp.parse("decode(channels=3)")  # As the pp op decodes TFDS bytes.
 
@@ -109,7 +114,7 @@ def _images_below(folder: str) -> list[str]:
 
 # Results of `_check` by (path, size, mtime_ns): files are checked once per process.
 _CHECKED: dict[tuple[str, int, int], Optional[str]] = {}
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[tuple[str, ...]] = set()
 
 
 def _check(path: str) -> Optional[str]:
@@ -211,19 +216,14 @@ def open_source(root: str, split: str, encoded: bool = False) -> "FolderSource":
     raise FolderError(f"image folders have splits {', '.join(SPLIT_FOLDERS)}, not "
                       f"'{split}': set the split to one of those")
   root = os.path.abspath(root)
-  if not os.path.isdir(root):
-    what = "is not a directory" if os.path.exists(root) else "does not exist"
-    raise FolderError(f"folder '{root}' {what}: {_LAYOUT_HINT}")
+  label_names = class_names(root)
   if _split_layout(root):
     folder = _split_folder(root, split)
-    label_names = sorted({c for s in _subfolders(root) if s in _SPLIT_NAMES
-                          for c in _subfolders(os.path.join(root, s))})
     classes = _subfolders(folder)
     if not classes:
       raise FolderError(f"split folder '{folder}' has no class folders: {_LAYOUT_HINT}")
     paths, labels = _class_files(folder, classes, label_names)
   else:
-    label_names = _subfolders(root)
     paths, labels = _class_files(root, label_names, label_names)
     train, test = embedded.stratified_split(np.asarray(labels), TEST_FRACTION, SPLIT_SEED)
     chosen = train if split == "train" else test
@@ -231,9 +231,49 @@ def open_source(root: str, split: str, encoded: bool = False) -> "FolderSource":
   paths, labels = _keep_readable(root, split, paths, labels)
   if not paths:
     raise FolderError(f"split '{split}' of folder '{root}' has no readable images: add "
-                      f"images (in the flat layout each class needs 3 or more to put one "
-                      f"in the 20% test part)")
+                      f"images (in the flat layout each class needs {_HELD_OUT_MIN} or more "
+                      f"to put one in the 20% test part)")
+  _warn_missing_classes(root, split, label_names, labels)
   return FolderSource(root, split, paths, labels, label_names, encoded)
+
+
+def class_names(root: str) -> list[str]:
+  """The class names of the image folder `root`, in label order (see the module docstring).
+
+  Read from folder names alone, no image listed, so `vitcls.validate` compares them with
+  the config's num_classes in milliseconds, before anything is opened.
+  """
+  root = os.path.abspath(root)
+  if not os.path.isdir(root):
+    what = "is not a directory" if os.path.exists(root) else "does not exist"
+    raise FolderError(f"folder '{root}' {what}: {_LAYOUT_HINT}")
+  if _split_layout(root):
+    return sorted({c for s in _subfolders(root) if s in _SPLIT_NAMES
+                   for c in _subfolders(os.path.join(root, s))})
+  return _subfolders(root)
+
+
+def _warn_missing_classes(root: str, split: str, label_names: list[str],
+                          labels: list[int]) -> None:
+  """Warns once when some classes have no image in `split`: a split that evaluates then
+  measures only the others (per-class metrics leave them out), one that trains never
+  shows them to the model."""
+  present = set(labels)
+  missing = [n for i, n in enumerate(label_names) if i not in present]
+  if not missing or (root, split, "classes") in _WARNED:
+    return
+  _WARNED.add((root, split, "classes"))
+  flat = "" if _split_layout(root) else (
+      f"; this folder has no split folders, so {TEST_FRACTION:.0%} of each class is held "
+      f"out, which needs {_HELD_OUT_MIN} or more images of a class to hold out one")
+  named = ", ".join(missing[:_NAMED_IN_WARNING])
+  if len(missing) > _NAMED_IN_WARNING:
+    named += ", ..."
+  effect = ("the model never trains on them" if split == "train" else
+            "its per-class metrics leave them out (n/a), so balanced and worst-class "
+            "accuracy describe the other classes only")
+  logging.warning("folder %s split '%s' has no images of %d of its %d classes (%s): %s%s",
+                  root, split, len(missing), len(label_names), named, effect, flat)
 
 
 class FolderSource:

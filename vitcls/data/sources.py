@@ -10,7 +10,8 @@ recognised from its dataset_info.json and named in an error that gives the one
 `tfds convert_format` command adding ArrayRecord files beside it, in place.
 `folder:PATH` names an image folder instead (see `vitcls.data.folder`; the data dir plays
 no part). `labels` / `label_counts` read a split's labels alone, leaving its images
-undecoded; `label_names` gives the class names.
+undecoded; `label_names` gives the class names; `facts` gives what files alone tell of a
+dataset (image shape, class count) for the config check, which must not open it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from typing import NamedTuple
 
 import numpy as np
 
@@ -185,6 +187,63 @@ def get_source(name: str, split: str, data_dir_path: str | None = None, *,
     if "image" in features and isinstance(features["image"], tfds.features.Image):
       decoders = {"image": tfds.decode.SkipDecoding()}
   return _open(name, split, root, builder, decoders=decoders)
+
+
+class Facts(NamedTuple):
+  """What is known of a dataset before it is opened; None where it is not known.
+
+  image_shape: (height, width, channels) when every image has it (not a folder's).
+  num_classes: the label's class count; class_names: the names, where cheap to read.
+  """
+  image_shape: tuple[int, ...] | None = None
+  num_classes: int | None = None
+  class_names: list[str] | None = None
+
+
+def facts(name: str, data_dir_path: str | None = None) -> Facts:
+  """The `Facts` of dataset `name`, read from files alone, for `vitcls.validate`.
+
+  Nothing is opened, built or imported beyond JSON: a folder's class folders
+  (`folder.class_names`; its images' sizes vary), an embedded dataset's image shape,
+  and a prepared TFDS dataset's features.json (the copy `NAME[/CONFIG]:VERSION` names,
+  or the one version prepared when there is one). A folder that is not laid out as one
+  raises its FolderError; a TFDS dataset not prepared has no facts.
+  """
+  if folder.is_folder(name):
+    names = folder.class_names(folder.path_of(name))
+    return Facts(num_classes=len(names), class_names=names)
+  shape = None
+  if name in embedded.BUILDERS:
+    shape = tuple(embedded.BUILDERS[name].IMAGE_SHAPE)
+  features = _features_on_disk(name, data_dir(data_dir_path))
+  try:  # As TFDS 4.9 writes it; anything else is no fact.
+    dims = [int(d) for d in features.get("image", {}).get("image", {})
+            .get("shape", {}).get("dimensions", [])]
+    label = features.get("label") or features.get("labels", {}).get(
+        "sequence", {}).get("feature", {})
+    count = int(label.get("classLabel", {}).get("numClasses", 0))
+  except (AttributeError, TypeError, ValueError):
+    dims, count = [], 0
+  if dims and min(dims) > 0:  # -1: images of varying sizes.
+    shape = tuple(dims)
+  return Facts(image_shape=shape, num_classes=count or None)
+
+
+def _features_on_disk(name: str, root: str) -> dict:
+  """The features of `name`'s prepared copy in `root` as its features.json lists them."""
+  base, _, version = name.partition(":")
+  folder_path = os.path.join(root, base)
+  versions = [version] if version else (
+      sorted(v for v in os.listdir(folder_path)
+             if os.path.isfile(os.path.join(folder_path, v, "features.json")))
+      if os.path.isdir(folder_path) else [])
+  if len(versions) != 1:  # None prepared, or several: which one TFDS reads is its call.
+    return {}
+  try:
+    with open(os.path.join(folder_path, versions[0], "features.json")) as f:
+      return json.load(f)["featuresDict"]["features"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return {}
 
 
 # Labels without images: class-balanced sampling and class statistics need the label of

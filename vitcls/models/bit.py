@@ -31,6 +31,9 @@ DEPTHS = {
     152: (3, 8, 36, 3),
 }
 GROUPS = 32
+# What `vitcls.validate` checks of the fields' values before flax loads (read from this
+# source: see `vitcls.models.field_rules`); `stage_depths` checks the depth's value.
+FIELD_RULES = {"depth": "positive", "width": "positive"}
 
 
 def stage_depths(depth) -> tuple[int, ...]:

@@ -81,7 +81,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 def write_npz(path: str, tree: Mapping) -> None:
   """Writes `tree` as an `.npz` of flat `/`-joined keys; atomically (temp file, rename)."""
   flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
-  with wdir.atomic_file(path, "wb") as f:
+  with wdir.atomic_file(path, "wb", kind=wdir.NPZ) as f:
     np.savez(f, **flat)
 
 

@@ -36,6 +36,14 @@ VARIANTS = {
 }
 POOL_TYPES = ("gap", "tok", "map")
 POSEMBS = ("learn", "sincos2d")
+# What `vitcls.validate` checks of the fields' values before flax loads (read from this
+# source: see `vitcls.models.field_rules`). The patch convolution drops pixels past the
+# last whole patch, so a patch need not divide the image, only fit in it.
+FIELD_RULES = {
+    "variant": VARIANTS, "width": "positive", "depth": "positive", "mlp_dim": "positive",
+    "num_heads": "positive", "patch_size": "patch", "posemb": POSEMBS,
+    "pool_type": POOL_TYPES, "dropout": "rate", "stoch_depth": "rate",
+}
 
 
 def decode_variant(variant: Optional[str]) -> dict:

@@ -14,7 +14,10 @@ live trainer holds the workdir.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
+import re
+import threading
 
 from absl import logging
 from etils import epath
@@ -22,9 +25,38 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vitcls.run import integrity
+from vitcls.run import checksums, integrity
 from vitcls.run import workdir as wdir
 from vitcls.errors import UserError, shown
+
+
+_CLOSE_AFTER_FAILURE_S = 10
+
+# errno -> what the user reads; TensorStore reports the errno as os_error_code='N'.
+_WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied", errno.EFBIG: "a file size limit was reached",
+    errno.ENOTDIR: "a path component is not a folder", errno.ENOENT: "the folder vanished",
+}
+
+
+def write_failure(error: BaseException) -> str:
+  """Why a write failed, in a few words: the errno's meaning when the error (or one of its
+  causes, or TensorStore's message) carries one, else the first line of the message."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in chain:
+    code = getattr(e, "errno", None)
+    if code is None:
+      found = re.search(r"os_error_code='(\d+)'", str(e))
+      code = int(found.group(1)) if found else None
+    if code in _WRITE_FAILURES:
+      return f"{_WRITE_FAILURES[code]} ({errno.errorcode.get(code, code)})"
+  return integrity.first_line(chain[-1] if chain else error)
 
 
 class NoCheckpointError(UserError):
@@ -39,22 +71,82 @@ class DamagedCheckpointError(UserError):
   """The checkpoint asked for is damaged, or a damaged one could not be moved aside."""
 
 
+class CheckpointSaveError(UserError):
+  """A checkpoint could not be written (no space, no permission...): the run stops."""
+
+
 class Checkpointer:
-  """Saves and restores `TrainState`s under `<workdir>/checkpoints/<step>/`."""
+  """Saves and restores `TrainState`s under `<workdir>/checkpoints/<step>/`.
+
+  A save that fails stops the run at once with one line (`CheckpointSaveError`: the cause
+  and the last good checkpoint): the step folder is created before `save` returns, so a
+  folder that cannot be written fails there; a write that fails later, in orbax's
+  background thread, is found by `poll` after the next training step.
+  """
 
   def __init__(self, workdir: str, *, keep: int = 2, asynchronous: bool = True):
     self.directory = wdir.checkpoints_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True)
+        max_to_keep=keep, enable_async_checkpointing=asynchronous, create=True,
+        # Created in the background, a folder that cannot be made leaves orbax's other
+        # threads waiting for it for minutes; made in `save`, it fails there, at once.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.last_good: int | None = None  # The newest step known to be whole on disk.
+    self._pending: int | None = None  # A step whose save may still be running.
+    self._failed = False
 
   def latest_step(self) -> int | None:
     """The newest step orbax lists, or None; not checked for damage (`restore_latest` is)."""
     return self._manager.latest_step()
 
   def save(self, step: int, state) -> None:
-    """Starts saving `state` as `step` (returns before the write ends when async)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state))
+    """Starts saving `state` as `step` (returns before the write ends when async), with the
+    checksums of its arrays; raises CheckpointSaveError if this or the previous save failed."""
+    self._finish_pending()
+    sums = checksums.of_state(state)
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(state),
+                         custom_metadata={checksums.METADATA_KEY: sums})
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_failed(step, e) from e
+    self._pending = step
+    if not self._manager.is_saving_in_progress():
+      self._finish_pending()
+
+  def poll(self) -> None:
+    """Raises CheckpointSaveError if a save running in the background has failed; cheap
+    (no wait) while it runs."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self._finish_pending()
+
+  def wait(self) -> None:
+    """Waits for a save in flight; raises CheckpointSaveError if it failed."""
+    self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    step, self._pending = self._pending, None
+    if step is None:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      raise self._save_failed(step, e) from e
+    if not os.path.isdir(os.path.join(self.directory, str(step))):
+      raise self._save_failed(step, RuntimeError("the step folder was not written"))
+    self.last_good = step
+
+  def _save_failed(self, step: int, error: BaseException) -> CheckpointSaveError:
+    self._failed = True
+    if self.last_good is None:
+      kept = "no checkpoint was saved before it"
+    else:
+      kept = (f"the last good checkpoint is step {self.last_good} "
+              f"({os.path.join(self.directory, str(self.last_good))})")
+    return CheckpointSaveError(
+        f"saving the checkpoint of step {step} in {self.directory} failed: "
+        f"{write_failure(error)}; {kept}. Free space or fix the permissions there, then "
+        f"run the same command to resume")
 
   def restore(self, step: int, abstract_state):
     """Restores `step` onto `abstract_state`: ShapeDtypeStructs carrying shardings."""
@@ -89,6 +181,7 @@ class Checkpointer:
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices("vitcls_checkpoints_moved_aside")
       self._manager.reload()
+    self.last_good = result[0]
     return result
 
   def _restore_everywhere(self, step: int, abstract_state):
@@ -120,9 +213,13 @@ class Checkpointer:
     if problem:
       raise self._mismatch(step, problem)
     try:
-      return integrity.read_or_damage(lambda: self._restore_here(step, abstract_state))
+      state, why = integrity.read_or_damage(lambda: self._restore_here(step, abstract_state))
     except (ValueError, KeyError, TypeError) as e:
       raise self._mismatch(step, f"{type(e).__name__}: {integrity.first_line(e)}") from e
+    if why is None:
+      why = checksums.mismatch(_stored_checksums(os.path.join(self.directory, str(step))),
+                               checksums.of_state(state))
+    return (None, why) if why else (state, None)
 
   def _restore_here(self, step: int, abstract_state):
     """`restore` without orbax's closing barrier across processes: when the damage shows on
@@ -145,9 +242,25 @@ class Checkpointer:
         f"or optimiser changed?): use a new --workdir ({problem[:200]})")
 
   def close(self) -> None:
-    """Waits for a save in flight to finish, so no good checkpoint is lost; then closes orbax."""
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a save in flight to finish, so no good checkpoint is lost; then closes
+    orbax. After a failed save, closing is bounded (`_CLOSE_AFTER_FAILURE_S`) and its
+    errors, already reported, are not raised again."""
+    if not self._failed:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      return
+    closer = threading.Thread(target=self._close_quietly, daemon=True)
+    closer.start()
+    closer.join(_CLOSE_AFTER_FAILURE_S)
+    if closer.is_alive():
+      logging.warning("orbax did not close within %d s after the failed save; going on.",
+                      _CLOSE_AFTER_FAILURE_S)
+
+  def _close_quietly(self) -> None:
+    try:
+      self._manager.close()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      logging.info("Closing orbax after the failed save: %s", integrity.first_line(e))
 
 
 def _newest_intact(steps, read, set_aside, agree=int):
@@ -291,7 +404,19 @@ def _try_read(workdir: str, step: int):
   reason = integrity.find_damage(step_dir)
   if reason:
     return None, reason
-  return integrity.read_or_damage(lambda: _read_weights(os.path.join(step_dir, "default")))
+  weights, why = integrity.read_or_damage(
+      lambda: _read_weights(os.path.join(step_dir, "default")))
+  if why is None:
+    params, ema = weights
+    actual = {**checksums.of_arrays(params, "params"),
+              **(checksums.of_arrays(ema, "ema") if ema is not None else {})}
+    why = checksums.mismatch(_stored_checksums(step_dir), actual)
+  return (None, why) if why else (weights, None)
+
+
+def _stored_checksums(step_dir: str) -> dict[str, str] | None:
+  """The checksums a save wrote into the step's metadata, or None (an older checkpoint)."""
+  return integrity.custom_metadata(step_dir).get(checksums.METADATA_KEY)
 
 
 def _read_weights(path: str):

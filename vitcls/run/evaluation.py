@@ -1,9 +1,11 @@
 """The one evaluation runner, shared by the training loop and `vitcls.evaluate`.
 
-`Evaluations(config, ...)` builds the evaluators of `config.evals` once; `run` puts each
-on the params, and on their EMA as `<name>_ema/...` when the run keeps one, and saves the
-arrays each returns (process 0) under the workdir for the report's plots. So a metric means
-the same thing whether it was logged during training or computed later on a checkpoint.
+`Evaluations(config, ...)` builds the evaluators of `config.evals` once; `measure` puts
+each on the params, and on their EMA as `<name>_ema/...` when the run keeps one;
+`save_arrays` writes the arrays each returns (process 0) under the workdir for the
+report's plots; `run` does both. So a metric means the same thing whether it was logged
+during training or computed later on a checkpoint, and a command can show it before it
+writes anything.
 """
 
 from __future__ import annotations
@@ -25,18 +27,30 @@ class Evaluations:
             cfg, model=model, train_config=config, mesh=mesh, batch_sharding=batch_sharding)
         for name, cfg in self.configs.items()}
 
-  def run(self, params, ema=None, names=None) -> dict:
-    """`<name>/<key>` scalars of each named evaluator (all by default) on `params`, and
-    `<name>_ema/<key>` on `ema` unless it is None; saves their arrays for the report."""
+  def measure(self, params, ema=None, names=None) -> tuple[dict, dict]:
+    """(`<name>/<key>` scalars, `<name>` arrays) of each named evaluator (all by default)
+    on `params`, and `<name>_ema/...` on `ema` unless it is None; writes nothing, so a
+    caller can show the results before anything can fail to be written."""
     weights = {"": params}
     if ema is not None:
       weights["_ema"] = ema
-    results = {}
+    results, arrays = {}, {}
     for name in self._evaluators if names is None else names:
       for suffix, tree in weights.items():
-        scalars, arrays = self._evaluators[name].run(tree)
+        scalars, arrays[name + suffix] = self._evaluators[name].run(tree)
         for key, value in scalars.items():
           results[f"{name}{suffix}/{key}"] = value
-        if jax.process_index() == 0:  # The latest arrays behind the report's plots.
-          report.save_artifacts(self.workdir, name + suffix, arrays)
+    return results, arrays
+
+  def run(self, params, ema=None, names=None) -> dict:
+    """`measure`'s scalars; its arrays saved for the report (`save_arrays`)."""
+    results, arrays = self.measure(params, ema, names)
+    save_arrays(self.workdir, arrays)
     return results
+
+
+def save_arrays(workdir: str, arrays: dict) -> None:
+  """Saves `Evaluations.measure`'s arrays (process 0): the latest behind the report's plots."""
+  if jax.process_index() == 0:
+    for name, named in arrays.items():
+      report.save_artifacts(workdir, name, named)

@@ -17,10 +17,11 @@ So a step is checked before it is trusted, cheapest first:
    not fit is the user's "does not fit this config" error, not damage;
 3. the read itself (`read_or_damage`): an I/O or decoding error there (bytes damaged inside
    a data file) condemns the step too.
+4. the values read against the checksums written with them (`vitcls.run.checksums`):
+   bytes flipped inside a stored chunk usually still decode (OCDBT keeps no checksum of
+   the values), and only this finds them.
 A damaged step is moved, never deleted, to `WORKDIR/checkpoints_broken/<step>[.<n>]`, with a
-`.reason.txt` beside it, outside the folder orbax scans (`move_aside`). What neither orbax
-nor these checks can tell: flipped bytes inside a stored array that still decode (OCDBT
-keeps no checksum of the values) restore without any error.
+`.reason.txt` beside it, outside the folder orbax scans (`move_aside`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def find_damage(step_dir: str) -> str | None:
     if problem:
       return f"{item}: {problem}"
   return None
+
+
+def custom_metadata(step_dir: str) -> dict:
+  """What the save passed as `custom_metadata` (vitcls's checksums), from the step's
+  `_CHECKPOINT_METADATA`; {} when absent or unreadable (`find_damage` judges the file)."""
+  meta, _ = _read_json(os.path.join(step_dir, _STEP_METADATA))
+  custom = meta.get("custom_metadata") if isinstance(meta, dict) else None
+  return custom if isinstance(custom, dict) else {}
 
 
 def _read_json(path: str):

@@ -257,11 +257,11 @@ class WorkdirLock:
     """Creates the lock file holding our JSON, atomically; False if it exists."""
     data = json.dumps(dataclasses.asdict(self._me), indent=1) + "\n"
     tmp = wdir.temp_path(self.path)
-    with open(tmp, "w") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
     try:
+      with open(tmp, "w") as f:  # Inside the try: a failed write leaves no temporary.
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
       try:
         os.link(tmp, self.path)  # Appears complete, and never replaces an existing file.
       except FileExistsError:

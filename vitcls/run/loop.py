@@ -7,12 +7,17 @@ written through the other modules of `vitcls.run`, in the order set here. Runnin
 again on the same workdir resumes exactly where the last checkpoint left off: the data
 stream and per-step randomness are functions of (seed, step).
 
-Stopping: SIGTERM (or, in a multi-process run, JAX's preemption sync point, which
-every process reaches at the same step) ends the loop after the current step, saves
+Stopping: SIGTERM or Ctrl-C (or, in a multi-process run, JAX's preemption sync point,
+which every process reaches at the same step) ends the loop after the current step, saves
 that step's checkpoint, waits for it and raises `Preempted`, which the CLI turns into
-exit code 0; a second SIGTERM during the save is ignored. A non-finite loss stops the
-run with `NonFiniteLossError` (the last good checkpoint is kept), or, with
-`skip_nonfinite_updates`, after `max_skipped_in_a_row` skipped updates in a row.
+exit code 0 (130 for Ctrl-C); a second SIGTERM during the save is ignored, a second Ctrl-C
+stops at once. A non-finite loss stops the run with `NonFiniteLossError` (the last good
+checkpoint is kept), or, with `skip_nonfinite_updates`, after `max_skipped_in_a_row`
+skipped updates in a row. A checkpoint that cannot be written stops the run after the
+step that finds it (`checkpoint.CheckpointSaveError`, naming the last good one).
+
+The workdir's `config.json` is written only once a start is accepted and will train
+(`config_record`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,8 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-from vitcls import configs
-from vitcls.run import build, checkpoint, evaluation, lock as workdir_lock, report, writers
-from vitcls.run import workdir as wdir
+from vitcls.run import build, checkpoint, config_record, evaluation, lock as workdir_lock
+from vitcls.run import report, writers
 from vitcls.errors import UserError
 
 
@@ -38,45 +42,57 @@ class NonFiniteLossError(UserError):
 
 
 class Preempted(Exception):
-  """The run stopped on request after saving its checkpoint; the same command resumes."""
+  """The run stopped on request after saving its checkpoint; the same command resumes.
+
+  `interrupted`: the request was Ctrl-C (SIGINT), which the CLI's exit code says.
+  """
 
   def __init__(self, step: int, reason: str, directory: str):
     super().__init__(f"stopped at step {step} ({reason}); its checkpoint is saved in "
                      f"{directory}: run the same command to resume")
     self.step = step
+    self.interrupted = reason == "SIGINT"
 
 
 class StopRequest:
-  """Turns SIGTERM into a request the loop reads after each step (main thread only).
+  """Turns SIGTERM and Ctrl-C (SIGINT) into a request the loop reads after each step (main
+  thread only).
 
-  The first SIGTERM asks the loop to stop; later ones, while the last checkpoint is
-  written, are logged and ignored, so they cannot cut the save short.
+  The first asks the loop to stop; a later SIGTERM, while the last checkpoint is written,
+  is logged and ignored, so it cannot cut the save short; a second Ctrl-C is a person who
+  will not wait: KeyboardInterrupt at once (the previous checkpoint is intact, since a
+  step is renamed into place only when whole).
   """
 
   def __init__(self):
     self.reason: str | None = None
-    self._previous = None
+    self._previous: dict[int, object] = {}
 
   def __enter__(self) -> "StopRequest":
-    # Several processes: JAX's own SIGTERM notifier feeds the preemption sync point.
-    if (threading.current_thread() is threading.main_thread()
-        and jax.process_count() == 1):
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+      # Several processes: JAX's own SIGTERM notifier feeds the preemption sync point.
+      if jax.process_count() == 1:
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
   def _handle(self, signum, frame) -> None:
     del frame
+    name = signal.Signals(signum).name
     if self.reason is None:
-      self.reason = signal.Signals(signum).name
+      self.reason = name
       logging.warning("%s received: stopping after this step, once its checkpoint is "
-                      "saved.", self.reason)
+                      "saved%s.", name,
+                      " (Ctrl-C again stops at once)" if signum == signal.SIGINT else "")
+    elif signum == signal.SIGINT:
+      raise KeyboardInterrupt
     else:
       logging.warning("%s received again: already stopping; the checkpoint is being "
-                      "saved.", signal.Signals(signum).name)
+                      "saved.", name)
 
 
 def _stop_reason(request: StopRequest, step: int) -> str | None:
@@ -122,11 +138,15 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
   """`train` once the workdir is held: steps from the newest checkpoint to the last."""
-  run = _build(config, workdir)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_checkpoints,
                                  asynchronous=config.async_checkpoints)
+  changed = (config_record.check_resume(workdir, config)
+             if ckpt.latest_step() is not None else [])
+  run = _build(config)
   resume_step, train_state = _restore_or_init(run, ckpt)
   start, total_steps = int(train_state.step), run.total_steps
+  if jax.process_index() == 0:
+    config_record.write(workdir, config, changed, resume_step, trains=start < total_steps)
   evals = evaluation.Evaluations(config, workdir, model=run.model, mesh=run.mesh,
                                  batch_sharding=run.batch_sharding)
   # clu's writers import TensorFlow: in the background, once the first step is queued.
@@ -141,6 +161,7 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
       if pending is not None:  # Waits for step-1 only; this step is already queued.
         _check_finite(config, pending[1], pending[0], last_saved, ckpt.directory)
       pending = (step, metrics)
+      ckpt.poll()  # A save that failed in the background stops the run here.
       writer.start()
       writer.progress(step)
       lock.refresh()
@@ -158,6 +179,7 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
       logging.info("Nothing to do: the workdir already holds step %d of %d.", start,
                    total_steps)
       final = _evaluate(evals, train_state, start, writer)
+    ckpt.wait()  # The last save's failure is this run's, said before "saved" is claimed.
   finally:
     ckpt.close()  # Lets a started save finish, so a good checkpoint is never lost.
     writer.flush()
@@ -175,10 +197,8 @@ def _due(step: int, every: int, total_steps: int) -> bool:
   return step % every == 0 or step == total_steps
 
 
-def _build(config, workdir: str) -> build.Run:
-  """Writes the resolved config into the workdir (process 0), then builds the run."""
-  if jax.process_index() == 0:
-    wdir.atomic_write(wdir.config_path(workdir), configs.to_json(config))
+def _build(config) -> build.Run:
+  """Builds the run and says what it is."""
   run = build.build(config)
   logging.info("Model %s: %s parameters; %d steps of %d examples on %d devices.",
                config.model_name, f"{run.num_params:,}", run.total_steps,

@@ -2,8 +2,9 @@
 
 Written at the end of every training run and by `vitcls.evaluate`: the final metrics of
 every evaluator (the latest value of each, from `metrics.jsonl`, overridden by the last
-`vitcls.evaluate` run) beside the published figures in `config.expected`, the run's size
-and speed, and the plots a reviewer looks at: loss,
+`vitcls.evaluate` run) beside the published figures in `config.expected`, the classes an
+evaluator's split had nothing of (which its per-class averages leave out), the run's
+size and speed, and the plots a reviewer looks at: loss,
 learning rate and eval curves; and, from the arrays evaluators leave in
 `report/artifacts/<eval>.npz`, the confusion matrix, per-class accuracy bars, the
 reliability diagram, OOD score histograms and per-label average precision, with the
@@ -297,6 +298,39 @@ def final_metrics(workdir: str, rows: list[dict]) -> dict[str, tuple[int, float]
   return finals
 
 
+# Per-class arrays of the evaluators, NaN where a class (a label) had nothing to measure:
+# (what the entries are, what they lacked, the summary numbers that leave them out).
+PER_CLASS = {
+    "per_class_accuracy": ("classes", "examples", "balanced and worst-class accuracy"),
+    "ap_per_label": ("labels", "positives", "mAP"),
+}
+MAX_NAMED = 20  # Classes a line names; the rest are counted.
+
+
+def absent_classes(artifacts: dict) -> list[str]:
+  """Markdown lines naming, per evaluator, the classes (labels) its split had nothing of.
+
+  Their per-class figure is n/a and the averages over classes leave them out, so a reader
+  must know those averages describe the other classes only (a split with one class of
+  three has balanced and worst-class accuracy 1.0 when that class is right).
+  """
+  lines = []
+  for name, arrays in artifacts.items():
+    for key, (kind, lacked, summaries) in PER_CLASS.items():
+      values = np.asarray(arrays.get(key, []), np.float64)
+      absent = np.flatnonzero(np.isnan(values))
+      if not absent.size:
+        continue
+      labels = class_labels(arrays.get("class_names"), values.size)
+      named = ", ".join(labels[i] for i in absent[:MAX_NAMED])
+      if absent.size > MAX_NAMED:
+        named += f" and {absent.size - MAX_NAMED} more"
+      lines.append(f"- {name}: {absent.size} of {values.size} {kind} have no {lacked} "
+                   f"({named}): n/a in the plot, and {summaries} are over the other "
+                   f"{values.size - absent.size}.")
+  return lines + [""] if lines else []
+
+
 def expected_table(expected: dict, finals: dict) -> list[str]:
   """Markdown lines setting each published figure (`config.expected`) beside this run's."""
   lines = ["## Against the published result", "",
@@ -325,6 +359,8 @@ def write(workdir: str, config=None) -> str:
     lines += ["| metric | value | step |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.4f} | {s} |" for k, (s, v) in sorted(finals.items())]
     lines.append("")
+  artifacts = load_artifacts(workdir)
+  lines += absent_classes(artifacts)
   if config is not None and config.get("expected"):
     lines += expected_table(dict(config.expected), finals)
   speeds = [r["img_per_sec"] for r in rows if "img_per_sec" in r][1:]  # Skip compile.
@@ -333,7 +369,7 @@ def write(workdir: str, config=None) -> str:
   if rows:
     plot_curves(rows, os.path.join(out, "curves.png"))
     lines += ["![curves](curves.png)", ""]
-  for name, arrays in load_artifacts(workdir).items():
+  for name, arrays in artifacts.items():
     for caption, file in plot_artifacts(name, arrays, out):
       lines += [f"![{caption}]({file})", ""]
   path = os.path.join(out, wdir.REPORT_FILE)

@@ -1,5 +1,6 @@
 """`python -m vitcls.sweep --config=experiments/NAME.py[:arg] --workdir=DIR` checks every
-member's config first (a typo fails before anything runs), then trains each member in
+member's config first with the trainer's gate, on the devices the members will see (any
+member's problem fails the sweep before anything runs), then trains each member in
 `DIR/<member name>` (`python -m vitcls.train` subprocesses, `--parallel` at a time) or
 writes one SLURM job array for them (`--launcher=slurm`). It keeps `DIR/sweep.csv`,
 `DIR/sweep.md` and `DIR/sweep.png` current as members finish. Running the same command
@@ -20,7 +21,7 @@ from typing import Sequence
 
 from absl import app
 
-from vitcls import flags
+from vitcls import cluster, flags
 from vitcls.run import workdir as wdir
 from vitcls.sweep import builders
 from vitcls.sweep import local
@@ -48,6 +49,28 @@ def _define_flags() -> list[str]:
   ]
 
 
+def _load(overrides: Sequence[str], slurm: cluster.Slurm | None
+          ) -> tuple[list, list]:
+  """The members and their configs, checked by the trainer's gate where they will run:
+  on the SLURM job's devices, or on this machine's (counted once the quick checks pass,
+  so a typo is still reported at once). `--collect` only resolves them: they ran
+  elsewhere, perhaps, with data this machine does not see."""
+  f = FLAGS
+  if f.collect:
+    return members_lib.load_members(f.config, overrides, check=False)
+  if slurm:
+    return members_lib.load_members(f.config, overrides, num_devices=slurm.num_devices,
+                                    process_count=slurm.nodes)
+  members, resolved = members_lib.load_members(f.config, overrides)
+  num_devices = local.device_count()
+  if num_devices is None:
+    print("[sweep] note: could not count this machine's devices; each member checks its "
+          "own as it starts", flush=True)
+  else:
+    members_lib.check_devices(members, resolved, num_devices)
+  return members, resolved
+
+
 def sweep(overrides: Sequence[str]) -> int:
   """The CLI body, with flags parsed; returns the exit status."""
   f = FLAGS
@@ -62,7 +85,7 @@ def sweep(overrides: Sequence[str]) -> int:
   slurm = flags.slurm_from_flags() if launcher == "slurm" and not f.collect else None
   if slurm:
     slurm.check()
-  members, resolved = members_lib.load_members(f.config, overrides)
+  members, resolved = _load(overrides, slurm)
   for key in members_lib.swept_keys(members):
     if any(o.partition("=")[0] == key for o in overrides):
       print(f"[sweep] note: --config.{key} is replaced by each member's own {key}",

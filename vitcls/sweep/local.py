@@ -48,6 +48,25 @@ def sweep_lock(workdir: str) -> lock_lib.WorkdirLock:
                               instead="sweep into another --workdir")
 
 
+def device_count(timeout_s: float = 120) -> int | None:
+  """The JAX devices each member's trainer will see (it runs here, in this environment),
+  or None when they cannot be counted (then each trainer checks its own as it starts).
+
+  Counted by a child Python, not here: importing jax in the sweep would cost its quick
+  error path a second or more, and on GPUs keep a share of every GPU's memory away from
+  the members for the whole sweep.
+  """
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  try:
+    proc = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                          capture_output=True, text=True, env=env, timeout=timeout_s,
+                          stdin=subprocess.DEVNULL)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  words = proc.stdout.split()
+  return int(words[-1]) if proc.returncode == 0 and words and words[-1].isdigit() else None
+
+
 _GPU_MEMORY_VARS = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
                     "XLA_PYTHON_CLIENT_ALLOCATOR")
 

@@ -79,7 +79,8 @@ def _status(info: dict, running: bool, steps: int, total: int | None, finished: 
 
 def collect(workdir: str, members: Sequence[members_lib.Member], totals: Sequence[int | None],
             running: Iterable[str] = (), metric: str | None = None) -> dict:
-  """The table of a sweep: one row per member, from the members' workdirs."""
+  """The table of a sweep: one row per member, from the members' workdirs, with its value
+  of every swept key (`Member.settings`: its own, or its config's where it sets none)."""
   running = set(running)
   rows = []
   for m, total in zip(members, totals):
@@ -87,7 +88,7 @@ def collect(workdir: str, members: Sequence[members_lib.Member], totals: Sequenc
     info = members_lib.read_record(member_dir)
     final, steps = read_results(member_dir)
     finished = os.path.exists(os.path.join(wdir.report_dir(member_dir), wdir.REPORT_FILE))
-    rows.append(dict(member=m, metrics=final, steps=steps,
+    rows.append(dict(member=m, values=m.settings, metrics=final, steps=steps,
                      wall_time_s=info.get("wall_time_s"), attempts=info.get("attempts", 0),
                      status=_status(info, m.name in running, steps, total, finished)))
   main = pick_metric([r["metrics"] for r in rows], metric)
@@ -105,6 +106,11 @@ def _value_text(value: Any) -> str:
   return value if isinstance(value, str) else repr(value)
 
 
+def _values(row: dict, keys: Sequence[str], missing: str) -> list[str]:
+  """A row's swept values as text, `missing` where its config has no such key."""
+  return [_value_text(row["values"][k]) if k in row["values"] else missing for k in keys]
+
+
 def table_csv(table: dict) -> str:
   """`sweep.csv`: one row per member, its swept values, metrics (full precision), status."""
   out = io.StringIO()
@@ -112,10 +118,8 @@ def table_csv(table: dict) -> str:
   writer.writerow(["name", *table["keys"], *table["metrics"], "steps", "wall_time_s",
                    "status"])
   for r in table["rows"]:
-    values = r["member"].values
     wall = r["wall_time_s"]
-    writer.writerow([r["member"].name,
-                     *[_value_text(values[k]) if k in values else "" for k in table["keys"]],
+    writer.writerow([r["member"].name, *_values(r, table["keys"], ""),
                      *[repr(r["metrics"][k]) if k in r["metrics"] else ""
                        for k in table["metrics"]],
                      r["steps"], "" if wall is None else f"{wall:.1f}", r["status"]])
@@ -148,9 +152,7 @@ def table_markdown(table: dict, spec: str, common: Sequence[str]) -> str:
   lines += ["", "| " + " | ".join(_cell(h) for h in header) + " |",
             "|" + "---|" * len(header)]
   for r in rows:
-    values = r["member"].values
-    cells = [f"`{r['member'].name}`",
-             *[_value_text(values[k]) if k in values else "" for k in table["keys"]],
+    cells = [f"`{r['member'].name}`", *_values(r, table["keys"], "—"),
              *[f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "" for k in table["metrics"]],
              str(r["steps"]), format_duration(r["wall_time_s"]), r["status"]]
     lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -162,32 +164,41 @@ def _numeric(values: Sequence[Any]) -> bool:
              for v in values)
 
 
+def panel(table: dict, key: str) -> tuple[list, list, list]:
+  """One panel of the plot: (x, y) of each member with a result and a value of `key`, and
+  the values of `key` of all members in sweep order (the x axis). Both come from the
+  members' settings, so a member that does not override `key` sits at its config's value
+  (or is left out where its config has none), never at a name the axis lacks."""
+  if key == "member":  # No swept key: one point per member, by name.
+    every = [r["member"].name for r in table["rows"]]
+    scored = [(r["member"].name, r) for r in table["rows"]]
+  else:
+    every = [r["values"][key] for r in table["rows"] if key in r["values"]]
+    scored = [(r["values"][key], r) for r in table["rows"] if key in r["values"]]
+  main = table["main"]
+  points = [(x, r["metrics"][main]) for x, r in scored if main and main in r["metrics"]]
+  return [x for x, _ in points], [y for _, y in points], every
+
+
 def plot(table: dict, path: str) -> None:
   """The main metric against each swept value, one panel per swept key (PNG)."""
   keys, main = table["keys"] or ["member"], table["main"]
   fig = Figure(figsize=(4.2 * len(keys), 3.4))
   axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
-    points = [(r["member"].values.get(key, r["member"].name) if key != "member"
-               else r["member"].name, r["metrics"][main])
-              for r in table["rows"] if main and main in r["metrics"]]
-    every = [r["member"].values[key] for r in table["rows"] if key in r["member"].values]
+    xs, ys, every = panel(table, key)
     ax.set_xlabel(key)
     ax.set_ylabel(main or "no metric yet")
     ax.grid(alpha=0.3)
-    if not points:
+    if not xs:
       ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
       continue
-    xs, ys = zip(*points)
-    if _numeric(every) and _numeric(xs):
+    if _numeric(every):
       ax.plot(xs, ys, "o", alpha=0.8)
       if min(every) > 0 and max(every) / min(every) > 10:
         ax.set_xscale("log")
     else:  # Categorical, in the order of the sweep.
-      labels = []
-      for v in every or xs:
-        if _value_text(v) not in labels:
-          labels.append(_value_text(v))
+      labels = list(dict.fromkeys(_value_text(v) for v in every))
       ax.plot([labels.index(_value_text(x)) for x in xs], ys, "o", alpha=0.8)
       ax.set_xticks(range(len(labels)))
       ax.set_xticklabels(labels, rotation=30 if len(labels) > 3 else 0, ha="right"
