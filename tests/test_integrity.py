@@ -222,6 +222,9 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_the_users_error_and_stays(
     reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
+  # Without its config.json (a copy of the checkpoints alone), only the restore can tell;
+  # with it, the changed field is named first (test_resume_config.py).
+  os.remove(os.path.join(workdir, wdir.CONFIG_FILE))
   for overrides, detail in [(["model.mlp_dim=128"], "in the checkpoint, ("),
                             (["model.depth=2"], "is not in the checkpoint")]:
     with pytest.raises(checkpoint.CheckpointMismatchError) as info:

@@ -80,12 +80,20 @@ def test_this_process_holding_the_lock_is_a_live_holder_too(tmp_path):
   assert workdir_lock.live_holder(workdir) is None
 
 
-def test_the_lock_is_released_when_training_fails(tmp_path):
+def test_the_lock_is_released_when_training_fails(tmp_path, monkeypatch):
+  from vitcls.run import build  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "run")
+  held = []
+
+  def failing_build(config):
+    held.append(os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE)))
+    raise UserError("dataset imagenet_v9 is not prepared")
+  monkeypatch.setattr(build, "build", failing_build)
   with pytest.raises(UserError, match="imagenet_v9"):
-    train.train(_config("input.data.name=imagenet_v9"), workdir)
-  assert os.path.exists(os.path.join(workdir, "config.json"))  # It failed inside the lock.
-  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))
+    train.train(_config(), workdir)
+  assert held == [True]  # It failed inside the lock...
+  assert not os.path.exists(os.path.join(workdir, wdir.TRAIN_LOCK_FILE))  # ...released.
+  assert not os.path.exists(os.path.join(workdir, wdir.CONFIG_FILE))  # Nothing recorded.
 
 
 @pytest.mark.parametrize("kind", ["dead pid", "reused pid", "other boot", "foreign host"])

@@ -95,7 +95,7 @@ def test_a_user_mistake_is_one_clear_error_line_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.variant=X/16", "unknown ViT variant 'X/16'"),
+    ("model.variant=X/16", "config.model.variant must be 'NAME/PATCH' with NAME one of"),
     ("input.pp=random_shift(2)|sharpen(3)", "unknown pp op 'sharpen'"),
     ("input.data.name=imagenet_v9", "dataset 'imagenet_v9' is not prepared in"),
 ])

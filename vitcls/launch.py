@@ -70,37 +70,15 @@ def _define_flags() -> list[str]:
   ]
 
 
-def _check_slurm(spec: str, overrides: Sequence[str], slurm: cluster.Slurm) -> None:
-  """The trainer's gate on the config the job will run, on its devices and processes: the
-  script is written on the filesystem its nodes share, so its files are checked too."""
+def _check(spec: str, overrides: Sequence[str], topology: tuple[int, int] | None) -> None:
+  """The trainer's gate on the config the job will run, on its (devices, processes) when
+  known; not whether its dataset and model_init exist on this machine: the nodes read
+  their own disks (shared, or staged onto local scratch)."""
   bad: list[str] = []
   config = configs.resolve(configs.load_experiment(spec), overrides, errors=bad)
-  validate.check(config, num_devices=slurm.num_devices, process_count=slurm.nodes,
-                 known=bad)
-
-
-def _topology_problems(config, num_devices: int, process_count: int) -> list[str]:
-  """The trainer gate's problems of `config` that come from running on `num_devices`
-  devices in `process_count` processes: those it finds with them and not without."""
-  alone = set(validate.problems(config))
-  return [p for p in validate.problems(config, num_devices=num_devices,
-                                       process_count=process_count) if p not in alone]
-
-
-def _check_tpu(spec: str, overrides: Sequence[str], topology: tuple[int, int] | None
-               ) -> None:
-  """The config's keys, and its batch and mesh on the slice's (devices, processes) when
-  known. Not the rest of the trainer's gate: that checks the dataset and model_init on
-  this machine's disks, and the run reads the workers'."""
-  found: list[str] = []
-  config = configs.resolve(configs.load_experiment(spec), overrides, errors=found)
-  if topology:
-    found += _topology_problems(config, *topology)
-  if len(found) == 1:
-    raise configs.ConfigError(found[0])
-  if found:
-    raise configs.ConfigError(f"{len(found)} problems in the config:\n  "
-                              + "\n  ".join(found))
+  num_devices, process_count = topology or (None, 1)
+  validate.check(config, num_devices=num_devices, process_count=process_count, known=bad,
+                 local_files=False)
 
 
 def _launch(overrides: Sequence[str]) -> None:
@@ -120,7 +98,7 @@ def _launch(overrides: Sequence[str]) -> None:
                                 f"shows them")
     topology = (cluster.tpu_topology(FLAGS.accelerator_type) if FLAGS.accelerator_type
                 else None)
-    _check_tpu(FLAGS.config, overrides, topology)
+    _check(FLAGS.config, overrides, topology)
     print(cluster.tpu_command(FLAGS.config, FLAGS.workdir, overrides, tpu=FLAGS.tpu,
                               zone=FLAGS.zone, project=FLAGS.project,
                               repo_dir=FLAGS.repo_dir, python=FLAGS.python))
@@ -130,7 +108,7 @@ def _launch(overrides: Sequence[str]) -> None:
     return
   slurm = flags.slurm_from_flags()
   slurm.check()
-  _check_slurm(FLAGS.config, overrides, slurm)
+  _check(FLAGS.config, overrides, (slurm.num_devices, slurm.nodes))
   text = cluster.slurm_run_script(FLAGS.config, FLAGS.workdir, overrides, slurm,
                                   python=FLAGS.python, job_name=FLAGS.job_name)
   output = FLAGS.output or os.path.join(FLAGS.workdir, wdir.LAUNCH_SCRIPT)

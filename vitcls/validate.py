@@ -38,15 +38,18 @@ _OPTIONAL = {"total_steps": int, "total_examples": int, "total_epochs": float,
 
 
 def check(config, *, num_devices: int | None = None, process_count: int = 1,
-          known: Sequence[str] = (), training: bool = True) -> None:
+          known: Sequence[str] = (), training: bool = True, local_files: bool = True
+          ) -> None:
   """Raises one ConfigError naming every problem of `config` (one per line), if any.
 
   `known`: problems found before (e.g. bad command-line overrides), listed first.
   `training=False`: the config of a finished run, evaluated again: what only starting
-  a run reads (`model_init`) is not checked.
+  a run reads (`model_init`) is not checked. `local_files=False`: the run will read its
+  files elsewhere (`vitcls.launch` writes for a cluster's nodes, whose data may be on
+  their own disks), so whether datasets and `model_init` exist here is not checked.
   """
   _raise([*known, *problems(config, num_devices=num_devices, process_count=process_count,
-                            training=training)])
+                            training=training, local_files=local_files)])
 
 
 def check_built(config, *, total_steps: int, optax_arguments: Collection[str]) -> None:
@@ -122,16 +125,18 @@ def _raise(found: list[str]) -> None:
 
 
 def problems(config, *, num_devices: int | None = None, process_count: int = 1,
-             training: bool = True) -> list[str]:
+             training: bool = True, local_files: bool = True) -> list[str]:
   """Every problem found in a resolved config, one line each (empty: none found)."""
   out: list[str] = []
   _types(config, configs.defaults(), "", out)
   if out:  # Range checks below assume the types are right.
     return out
   for check_fn in (_seed, _durations, _optimiser, _schedule, _regularisation, _input,
-                   _model, _evals):
+                   _model):
     check_fn(config, out)
-  _files(config, out, model_init=training)
+  _evals(config, out, local_files)
+  if local_files:
+    _files(config, out, model_init=training)
   _logging(config, out)
   _devices(config, num_devices, process_count, out)
   _given(config, out)
@@ -407,7 +412,7 @@ def _model_patch(c) -> tuple[str, tuple[int, int]] | None:
   return None
 
 
-def _evals(c, out) -> None:
+def _evals(c, out, local_files: bool = True) -> None:
   from vitcls import evaluators  # pylint: disable=g-import-not-at-top
   for name, ev in c.evals.items():
     try:
@@ -424,7 +429,7 @@ def _evals(c, out) -> None:
       if resolved.get(key):
         _pp(out, f"evals.{name}.{key}", resolved[key])
     for key in ("data", "ood_data"):
-      if resolved.get(key):
+      if resolved.get(key) and local_files:
         _dataset(out, f"evals.{name}.{key}", resolved[key], c.input.data_dir)
 
 

@@ -69,11 +69,13 @@ class StopRequest:
     self._previous: dict[int, object] = {}
 
   def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
-      # Several processes: JAX's own SIGTERM notifier feeds the preemption sync point.
-      if jax.process_count() == 1:
-        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+    # Several processes: JAX's own SIGTERM notifier feeds the preemption sync point, and
+    # Ctrl-C, which reaches one process, stops that one at once (the others then stop on
+    # the heartbeat timeout).
+    if (threading.current_thread() is threading.main_thread()
+        and jax.process_count() == 1):
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:

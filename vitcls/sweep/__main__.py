@@ -60,7 +60,7 @@ def _load(overrides: Sequence[str], slurm: cluster.Slurm | None
     return members_lib.load_members(f.config, overrides, check=False)
   if slurm:
     return members_lib.load_members(f.config, overrides, num_devices=slurm.num_devices,
-                                    process_count=slurm.nodes)
+                                    process_count=slurm.nodes, local_files=False)
   members, resolved = members_lib.load_members(f.config, overrides)
   num_devices = local.device_count()
   if num_devices is None:

@@ -159,14 +159,16 @@ def _read_sweep(spec: str) -> tuple[Any, list]:
 
 
 def load_members(spec: str, common: Sequence[str] = (), *, check: bool = True,
-                 num_devices: int | None = None, process_count: int = 1
-                 ) -> tuple[list[Member], list]:
+                 num_devices: int | None = None, process_count: int = 1,
+                 local_files: bool = True) -> tuple[list[Member], list]:
   """The members of `spec`'s get_sweep and their resolved configs, all validated.
 
   `common` are `KEY=VALUE` overrides applied to every member before its own. With
   `check`, each member's config also goes through the trainer's gate (`vitcls.validate`,
   with `num_devices` and `process_count` where known), so no member starts while another
-  would fail; `check=False` (collecting results) only resolves them. Raises one error
+  would fail (`local_files=False`: not whether datasets and model_init exist here, for
+  members that run on a cluster's nodes); `check=False` (collecting results) only
+  resolves them. Raises one error
   listing every problem of every member, one line each, naming the member.
   """
   module, raw = _read_sweep(spec)
@@ -181,7 +183,7 @@ def load_members(spec: str, common: Sequence[str] = (), *, check: bool = True,
     config, problems = _resolve(base, [*common, *texts], values)
     if check and config is not None:
       problems += validate.problems(config, num_devices=num_devices,
-                                    process_count=process_count)
+                                    process_count=process_count, local_files=local_files)
     found += [(where, p) for p in problems]
     if config is not None and not problems:
       key = configs.to_json(config)
