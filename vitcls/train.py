@@ -68,6 +68,16 @@ class _QuietLibraries:
     return True
 
 
+def _quiet_closed_event_loops(unraisable, default=sys.unraisablehook) -> None:
+  """Drops 'Event loop is closed' from TensorStore callbacks: when a save fails, orbax
+  closes its event loop while that save's other writes are in flight, and each of them
+  reports it with a traceback (hundreds); vitcls reports the failure once."""
+  error = unraisable.exc_value
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return
+  default(unraisable)
+
+
 def _compilation_cache(config) -> None:
   """Turns on JAX's persistent compilation cache where the config says (see defaults)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -94,6 +104,7 @@ def main(argv) -> None:
   """
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_closed_event_loops
   try:
     if not FLAGS.config or not FLAGS.workdir:
       raise UserError("both --config=experiments/NAME.py and --workdir=DIR are required")
