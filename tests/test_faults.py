@@ -139,7 +139,10 @@ def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_is_ignored():
     os.kill(os.getpid(), signal.SIGTERM)  # Ignored: the checkpoint is being saved.
     assert stop.reason == "SIGTERM"
   with loop.StopRequest() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+    except KeyboardInterrupt:
+      pytest.fail("the first Ctrl-C interrupted at once instead of asking for a stop")
     assert stop.reason == "SIGINT"
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
@@ -160,9 +163,12 @@ def test_an_interrupt_outside_the_steps_is_one_line_and_exit_130(monkeypatch, ca
     train._OVERRIDES[:] = overrides  # pylint: disable=protected-access
     train.main(["vitcls.train"])
   with pytest.raises(SystemExit) as exit_info:
-    flags.main_in_process(["vitcls.train", f"--config={DEFAULT_EXPERIMENT}:runlocal=True",
-                           f"--workdir={tmp_path / 'run'}"],
-                          train._define_flags, command)  # pylint: disable=protected-access
+    try:
+      flags.main_in_process(["vitcls.train", f"--config={DEFAULT_EXPERIMENT}:runlocal=True",
+                             f"--workdir={tmp_path / 'run'}"],
+                            train._define_flags, command)  # pylint: disable=protected-access
+    except KeyboardInterrupt:
+      pytest.fail("KeyboardInterrupt escaped the CLI (a traceback for the user)")
   assert exit_info.value.code == 130
   err = capsys.readouterr().err
   assert err.startswith("vitcls: interrupted at once") and err.count("\n") == 1, err
