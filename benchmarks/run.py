@@ -21,8 +21,8 @@ import time
 from benchmarks import common
 
 # In the order they run (cheap and most telling first).
-BENCHMARKS = ("loop_overhead", "mfu", "pipeline", "first_step", "predict", "vs_timm",
-              "scaling")
+BENCHMARKS = ("loop_overhead", "mfu", "pipeline", "first_step", "predict",
+              "checkpoint_cost", "vs_timm", "scaling")
 
 
 def _arg(args: list[str], name: str, default: str | None = None) -> str | None:

@@ -1,4 +1,4 @@
-"""Smoke tests of the input and prediction benchmarks at tiny sizes: they run, write their
+"""Smoke tests of the input, prediction and checkpoint benchmarks at tiny sizes: they run, write their
 JSON, and what each compares is comparable. Tiny timings mean nothing: none is asserted."""
 
 import json
@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from benchmarks import common, pipeline, predict
+from benchmarks import checkpoint_cost, common, pipeline, predict
 
 
 def _written(result, tmp_path):
@@ -68,3 +68,17 @@ def test_predict_writes_a_row_per_image(tmp_path):
   assert figures["savedmodel_latency"]["median_ms"] > 0
   assert figures["image_shape"] == [28, 28, 1]
 
+
+
+def test_checkpoint_cost_sets_the_checksums_beside_a_save_of_the_same_state(tmp_path):
+  result = checkpoint_cost.run(tiny=True)
+  figures = result.figures
+  # ViT-Ti/16, 1,000 classes: 5,717,416 parameters at 224 px with a class token (197
+  # position embeddings of width 192); pooled by GAP (no class token) at 32 px there are
+  # 4 position embeddings; times 3 (params, AdamW's mu and nu).
+  assert figures["numbers"] == 3 * (5_717_416 - 192 - (197 - 4) * 192)
+  sums = min(t["median"] for t in figures["checksums_s"])
+  assert figures["checksums_over_save"] == sums / figures["save_s"]["median"]
+  assert figures["checksums_over_restore"] == sums / figures["restore_s"]["median"]
+  data = _written(result, tmp_path)
+  assert [r["unit"] for r in data["rows"]] == ["ms", "x", "x"]
