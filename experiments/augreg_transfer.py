@@ -15,8 +15,11 @@ warmup then cosine decay; a fresh zero head; 384 px, with the position embedding
 resampled from the checkpoint's 224 px grid on load. Crops as in the table: CIFAR
 resize the shorter side to 448 and take a random 384 crop ("resmall_crop"); Pets and
 Flowers an Inception crop to 384; flips on both; evaluation resizes to 448 and takes
-the central 384. Train on the first 98% (CIFAR) or 90% (Pets, Flowers) of the train
-split, validate on the rest (`val`), report the test split (`test`).
+the central 384. Every resize_small is area-weighted, big_vision's default (vitcls's
+is bilinear). Train on the first 98% (CIFAR) or 90% (Pets, Flowers) of the train
+split, validate on the rest (`val`), report the test split (`test`); both every 100
+steps, as big_vision. Line-by-line audit, with what still differs and why:
+experiments/audits/augreg_transfer.md (pinned by tests/test_audit_vit.py).
 
 Data: the TFDS datasets prepared as ArrayRecord (README "Datasets as you have them").
 Arguments (`--config=experiments/augreg_transfer.py:dataset=cifar100,init=PATH.npz`):
@@ -63,7 +66,9 @@ def get_config(arg=None):
   c.num_classes = classes
 
   common = f"|value_range(-1,1)|onehot({classes})|keep('image','labels')"
-  crops = {"resmall_crop": f"decode|resize_small({H_RES})|random_crop({L_RES})",
+  # big_vision's resize_small defaults to area (pp/ops_image.py:108), unlike vitcls's.
+  crops = {"resmall_crop": f"decode|resize_small({H_RES},method='area')"
+                           f"|random_crop({L_RES})",
            "inception_crop": f"decode|inception_crop({L_RES})"}
   c.input.data = configs.ConfigDict(dict(name=arg.dataset, split=train))
   c.input.pp = crops[crop] + "|flip_lr" + common
@@ -80,8 +85,9 @@ def get_config(arg=None):
   c.schedule.decay_type = "cosine"
   c.schedule.warmup_steps = warmup
 
-  pp_eval = f"decode|resize_small({H_RES})|central_crop({L_RES})" + common
-  every = max(steps // 10, 50)
+  pp_eval = (f"decode|resize_small({H_RES},method='area')|central_crop({L_RES})"
+             + common)
+  every = 100  # big_vision's log_steps (configs/transfer.py:121).
   c.evals.val = configs.ConfigDict(dict(type="classification", split=val, pp=pp_eval,
                                         batch_size=512, every=every))
   c.evals.test = configs.ConfigDict(dict(type="classification", split="test",
@@ -96,7 +102,7 @@ def get_config(arg=None):
                                       patch_size=8, pool_type="tok"))
     c.num_classes = 10
     c.input.data = configs.ConfigDict(dict(name="digits", split="train[:98%]"))
-    shrink = lambda pp: (pp.replace(f"({H_RES})", "(36)").replace(f"({L_RES})", "(32)")
+    shrink = lambda pp: (pp.replace(f"({H_RES}", "(36").replace(f"({L_RES}", "(32")
                          .replace(f"({classes})", "(10)"))
     c.input.pp = shrink(c.input.pp)
     c.input.batch_size = 16

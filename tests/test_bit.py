@@ -392,3 +392,67 @@ def test_wrong_width_checkpoint_is_one_clear_error(tiny, tmp_path):
   assert theirs == str(np.shape(loading.flatten(params)[name]))
   assert ours == str(np.shape(loading.flatten(wide)[name]))
   assert theirs != ours
+
+
+# ---------------------------------------------------------------- bit_v1 (big_vision's `bit`)
+
+def _expected_count_v1(units, width, classes):
+  """ResNet-v1 + GN: convs, a GN after every conv (root, 3 per unit, projections), head."""
+  w0 = 64 * width
+  total, cin = 7 * 7 * 3 * w0 + 2 * w0, w0
+  for s, n in enumerate(units):
+    mid = w0 * 2 ** s
+    for u in range(n):
+      total += cin * mid + 2 * mid + 9 * mid * mid + 2 * mid + mid * 4 * mid + 8 * mid
+      total += cin * 4 * mid + 8 * mid if u == 0 else 0
+      cin = 4 * mid
+  return total + (cin * classes + classes if classes else 0)
+
+
+@pytest.mark.parametrize("depth, width, expected", [
+    (50, 1, 25_557_032), (101, 1, 44_549_160)])
+def test_bit_v1_param_count(depth, width, expected):
+  """torchvision's published ResNet-50 / -101 counts: GN's scale+bias replace BN's."""
+  from vitcls.models import bit_v1
+  params = _shapes(bit_v1.Model(num_classes=1000, depth=depth, width=width))
+  assert _count(params) == expected == _expected_count_v1(bit.DEPTHS[depth], width, 1000)
+  units = (1, 2, 1, 1)
+  small = _shapes(bit_v1.Model(num_classes=10, depth=list(units), width=2), size=32)
+  assert _count(small) == _expected_count_v1(units, 2, 10)
+
+
+def test_bit_v1_layout_and_units_start_as_shortcuts():
+  """big_vision models/bit.py:67: gn3's scale starts at 0, so a unit starts as its shortcut."""
+  from vitcls.models import bit_v1
+  model = bit_v1.Model(num_classes=CLASSES, depth=(2, 1, 1, 1))
+  params = jax.jit(model.init)(jax.random.key(0), _images(n=1))["params"]
+  assert set(params["block1"]) == {"unit1", "unit2"}
+  assert set(params["block1"]["unit1"]) == {"conv1", "gn1", "conv2", "gn2", "conv3", "gn3",
+                                            "conv_proj", "gn_proj"}
+  logits, aux = jax.jit(model.apply)({"params": params}, _images())
+  assert not np.any(logits)  # Zero head.
+  shapes = {"stem": (2, 8, 8, 64), "stage1": (2, 8, 8, 256), "stage2": (2, 4, 4, 512),
+            "stage3": (2, 2, 2, 1024), "stage4": (2, 1, 1, 2048)}
+  assert {k: aux[k].shape for k in shapes} == shapes  # SAME padding halves exactly.
+  # unit2 of block1 has no projection: its output is relu(its input) = its input.
+  x = bit_v1.ResidualUnit(64).apply({"params": params["block1"]["unit2"]}, aux["stage1"])
+  np.testing.assert_allclose(x, aux["stage1"], rtol=0, atol=0)
+  assert np.all(np.asarray(aux["stem"]) >= 0)  # gn_root and a ReLU before the max-pool.
+
+
+def test_bit_v1_standardisation_is_big_vision_formula():
+  from vitcls.models import bit_v1
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+  w = (0.3 + 2 * rng.standard_normal((3, 3, 4, 5))).astype(np.float32)
+  y = bit_v1.StdConv(5, 3).apply({"params": {"kernel": w}}, x)
+  ws = w.astype(np.float64) - w.mean(axis=(0, 1, 2))
+  ws = ws / (ws.std(axis=(0, 1, 2)) + 1e-5)
+  _close(y, _np_conv(x, ws, 1, 1), rel=1e-5)  # Stride 1, 3x3: SAME is a padding of 1.
+
+
+def test_registry_finds_bit_v1():
+  from vitcls.models import bit_v1
+  assert models.get("bit_v1") is bit_v1.Model and "bit_v1" in models.available()
+  with pytest.raises(ConfigError, match=r"^config.model: unknown BiT depth 34"):
+    models.build("bit_v1", 10, {"depth": 34})

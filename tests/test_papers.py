@@ -108,9 +108,9 @@ def test_bit_resnet50(schedule):
 
 
 @pytest.mark.parametrize("dataset, classes, lr, steps, warmup, crop, train, top1", [
-    ("cifar10", 10, 0.003, 10_000, 500, "resize_small(448)|random_crop(384)",
+    ("cifar10", 10, 0.003, 10_000, 500, "resize_small(448,method='area')|random_crop(384)",
      "train[:98%]", 0.9855),
-    ("cifar100", 100, 0.01, 10_000, 500, "resize_small(448)|random_crop(384)",
+    ("cifar100", 100, 0.01, 10_000, 500, "resize_small(448,method='area')|random_crop(384)",
      "train[:98%]", 0.9135),
     ("oxford_iiit_pet", 37, 0.003, 500, 100, "inception_crop(384)", "train[:90%]", 0.9378),
     ("oxford_flowers102", 102, 0.003, 500, 100, "inception_crop(384)", "train[:90%]",
@@ -129,7 +129,7 @@ def test_augreg_transfer(dataset, classes, lr, steps, warmup, crop, train, top1)
   assert c.schedule.decay_type == "cosine"
   assert c.input.data.split == train and c.input.pp.startswith(f"decode|{crop}|flip_lr|")
   assert c.evals.test.split == "test"
-  assert "resize_small(448)|central_crop(384)" in c.evals.test.pp
+  assert "resize_small(448,method='area')|central_crop(384)" in c.evals.test.pp
   assert dict(c.expected) == {"test/top1": top1}
 
 

@@ -540,3 +540,98 @@ def test_serving_twins_of_resize_small_normalize_and_decode():
   assert op(tf.zeros((1, 4, 6, 3), tf.uint8)).shape == (1, 3, 4, 3)  # Half to even.
   with pytest.raises(serving.ServingExportError, match="'randaug' is random"):
     serving.image_ops("randaug(2, 10)|value_range(-1,1)")
+
+
+def _aliased_bilinear_reference(img, out_h, out_w):
+  """TF's half-pixel-centre bilinear without antialiasing, pixel by pixel in float64:
+  source y = (i + 0.5) * h / out_h - 0.5, neighbours floor/ceil clamped to the image."""
+  img = img.astype(np.float64)
+  h, w = img.shape[:2]
+  out = np.zeros((out_h, out_w, img.shape[2]))
+  for i in range(out_h):
+    y = (i + 0.5) * h / out_h - 0.5
+    y0, y1, fy = max(math.floor(y), 0), min(math.ceil(y), h - 1), y - math.floor(y)
+    for j in range(out_w):
+      x = (j + 0.5) * w / out_w - 0.5
+      x0, x1, fx = max(math.floor(x), 0), min(math.ceil(x), w - 1), x - math.floor(x)
+      top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
+      bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
+      out[i, j] = top * (1 - fy) + bottom * fy
+  return out
+
+
+def _assert_rounds_to(got, want):
+  """uint8 `got` is float `want` rounded, except at .5 ties, which float32 may break
+  either way (upscaling makes many: weights 1/4, 3/4 on integer pixels)."""
+  tie = np.abs(want - np.floor(want) - 0.5) < 1e-3
+  np.testing.assert_array_equal(got[~tie], np.round(want)[~tie])
+  assert np.all(np.abs(got[tie] - want[tie]) <= 0.501)
+
+
+@pytest.mark.parametrize("hw, out", [((23, 31), (10, 12)), ((9, 7), (20, 15)),
+                                     ((16, 16), (16, 16))])
+def test_resize_without_antialias_is_tf_style_bilinear(hw, out):
+  img = np.random.default_rng(0).integers(0, 256, hw + (3,), np.uint8)
+  want = _aliased_bilinear_reference(img, *out)
+  got = _run(f"resize({out[0]},{out[1]},antialias=False)", {"image": img})["image"]
+  assert got.dtype == np.uint8
+  _assert_rounds_to(got, want)
+  f = _run(f"resize({out[0]},{out[1]},antialias=False)",
+           {"image": img.astype(np.float32)})["image"]
+  np.testing.assert_allclose(f, want, rtol=0, atol=1e-3)
+  if hw != out:  # The default (PIL) differs: it widens its kernel when shrinking.
+    assert not np.array_equal(got, _run(f"resize({out[0]},{out[1]})",
+                                        {"image": img})["image"])
+
+
+def test_antialias_false_shrinks_by_sampling_pixels_pil_averages_them():
+  """A 1-pixel checkerboard shrunk to 1/3: aliased bilinear samples pixel 3i+1 exactly
+  ((i + 0.5) * 3 - 0.5), so it keeps a full-contrast board; PIL averages it to grey."""
+  y, x = np.mgrid[0:30, 0:30]
+  board = np.repeat((((x + y) % 2) * 255).astype(np.uint8)[..., None], 3, -1)
+  third = _run("resize(10,antialias=False)", {"image": board})["image"]
+  np.testing.assert_array_equal(third, board[1::3, 1::3])
+  pil = _run("resize(10)", {"image": board})["image"]
+  assert np.abs(pil.astype(int) - 128).max() <= 2
+
+
+def test_antialias_reaches_resize_small_and_inception_crop():
+  img = np.random.default_rng(1).integers(0, 256, (30, 45, 3), np.uint8)
+  got = _run("resize_small(12,antialias=False)", {"image": img})["image"]
+  _assert_rounds_to(got, _aliased_bilinear_reference(img, 12, 18))
+  spec = "inception_crop(10,area_min=50,antialias=False)"
+  for seed in range(4):
+    box = pp_image.inception_crop_box(30, 45, 50, 100, np.random.default_rng(seed))
+    top, left, h, w = box
+    want = _aliased_bilinear_reference(img[top:top + h, left:left + w], 10, 10)
+    _assert_rounds_to(_run(spec, {"image": img}, seed)["image"], want)
+  # After decode the op runs on arrays (PIL has no aliased kernel): the same pixels.
+  spec = "decode|inception_crop(12,antialias=False)|resize_small(8,antialias=False)"
+  encoded = _encode(_gradient(40))
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        pp_lib.parse(spec)({"image": encoded}, np.random.default_rng(seed))["image"],
+        _one_by_one(spec)({"image": encoded}, np.random.default_rng(seed))["image"])
+
+
+@pytest.mark.parametrize("spec", ["resize(8,method='bicubic',antialias=False)",
+                                  "resize_small(8,method='bicubic',antialias=False)",
+                                  "inception_crop(8,method='bicubic',antialias=False)"])
+def test_antialias_false_bicubic_is_refused_in_one_line(spec):
+  with pytest.raises(UserError, match="antialias=False is implemented for method "
+                                      "bilinear, area or nearest, not 'bicubic'"):
+    pp_lib.parse(spec)
+  with pytest.raises(Exception, match="antialias must be True or False"):
+    pp_lib.parse("resize(8,antialias='no')")
+
+
+def test_serving_twins_follow_antialias_false():
+  tf = pytest.importorskip("tensorflow")
+  images = np.random.default_rng(0).integers(0, 256, (2, 12, 20, 3), np.uint8)
+  for spec in ("resize(7,9,antialias=False)", "resize_small(5,antialias=False)"):
+    (op,) = serving.image_ops(spec)
+    host = [_run(spec, {"image": img})["image"] for img in images]
+    np.testing.assert_array_equal(op(tf.constant(images)).numpy(), host)
+  (op,) = serving.image_ops("resize(7,9,antialias=False)")
+  want = tf.image.resize(images.astype(np.float32), (7, 9), antialias=False).numpy()
+  np.testing.assert_array_equal(op(tf.constant(images)).numpy(), np.round(want))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from vitcls import configs, validate
 from vitcls.data import pipeline, sources
 from vitcls.data import pp as pp_lib
 from vitcls.errors import UserError
@@ -209,3 +210,151 @@ def test_without_balanced_labels_the_stream_is_unchanged():
     for k in range(3):
       for key in ["image", "labels"]:
         np.testing.assert_array_equal(ds[k][key], before[k][key])
+
+
+# Repeated augmentation (DeiT's RASampler): each example k times, each copy augmented anew.
+
+class _Draw:
+  """A pp that records the first draw of its rng: copies differ iff their rngs do."""
+
+  def __call__(self, example, rng):
+    return {**example, "draw": rng.integers(2**62)}
+
+
+def _repeated(n=23, global_batch=12, repeats=3, pp=None, labels=None, **kw):
+  labels = np.zeros(n, np.int64) if labels is None else labels
+  return pipeline.train_dataset(_LabelledSource(labels), pp or _Draw(),
+                                global_batch=global_batch, seed=4, repeats=repeats, **kw)
+
+
+def _positions(ds, global_batch, count):
+  """The example id at each of the first `count` stream positions (whole batches read)."""
+  steps = -(-count // global_batch)
+  return np.concatenate([ds[k]["id"] for k in range(steps)])[:count]
+
+
+@pytest.mark.parametrize("n, global_batch, repeats", [(23, 12, 3), (40, 12, 3), (9, 4, 2),
+                                                      (7, 2, 3)])
+def test_every_cycle_of_k_epochs_holds_every_example_exactly_k_times(n, global_batch,
+                                                                      repeats):
+  cycles = 3
+  ids = _positions(_repeated(n, global_batch, repeats), global_batch, cycles * repeats * n)
+  for cycle in ids.reshape(cycles, repeats * n):
+    assert np.bincount(cycle, minlength=n).tolist() == [repeats] * n
+  orders = [tuple(dict.fromkeys(cycle)) for cycle in ids.reshape(cycles, -1)]
+  assert len(set(orders)) == cycles  # A fresh order each cycle.
+
+
+@pytest.mark.parametrize("n, global_batch, repeats", [(23, 12, 3), (48, 12, 3),
+                                                      (30, 16, 2), (3, 12, 3)])
+def test_copies_are_batch_size_over_k_apart_within_one_or_two_batches(n, global_batch,
+                                                                      repeats):
+  ids = _positions(_repeated(n, global_batch, repeats), global_batch, 2 * repeats * n)
+  width = global_batch // repeats
+  for start in (0, repeats * n):  # Each cycle on its own: an example recurs in the next.
+    cycle = ids[start:start + repeats * n]
+    for example in range(n):
+      where = start + np.flatnonzero(cycle == example)
+      gaps = set(np.diff(where).tolist())
+      allowed = [{width}, {width + n % width}] if n >= width else [{n}]  # Last block: + rest.
+      assert gaps in allowed, (example, where)
+      assert where[-1] - where[0] < 2 * global_batch
+      batches = where // global_batch
+      assert batches[-1] - batches[0] <= (1 if gaps == {width} else 2)
+      if n % width == 0 and global_batch % repeats == 0:  # Blocks are whole batches:
+        assert len(set(where // global_batch)) == 1  # all copies in one step, as DeiT's.
+      if n >= width:  # With P = k processes: one copy on each.
+        assert len(set((where // (global_batch // repeats)).tolist())) == repeats
+
+
+def test_each_copy_gets_its_own_augmentation_rng():
+  ds = _repeated(23, 12, 3)
+  batches = [ds[k] for k in range(12)]  # 144 positions: two whole cycles (138) and more.
+  ids = np.concatenate([b["id"] for b in batches])
+  draws = np.concatenate([b["draw"] for b in batches])
+  assert len(set(draws.tolist())) == len(draws)  # Every position its own rng.
+  images = np.concatenate([b["image"] for b in batches])
+  np.testing.assert_array_equal(images[:, 0, 0, 0], ids)  # Each copy is its example.
+  shifted = _repeated(23, 12, 3, pp=pp_lib.parse("random_shift(1)"),
+                      labels=np.zeros(23, np.int64))
+  assert shifted[0]["image"].shape == (12, 2, 2, 1)
+
+
+def test_repeated_stream_resumes_exactly_at_any_step():
+  full = _repeated(23, 12, 3)
+  for k in [0, 1, 5, 11, 12, 123_456_789]:
+    resumed = _repeated(23, 12, 3, start_step=k)
+    batch = full[k]
+    for key in ["id", "image", "draw"]:
+      np.testing.assert_array_equal(resumed[0][key], batch[key])
+  window = _repeated(23, 12, 3, start_step=7)  # Steps 7..11 after a restart at 7.
+  for k in range(7, 12):
+    np.testing.assert_array_equal(window[k - 7]["draw"], full[k]["draw"])
+  stream = pipeline.example_stream(_LabelledSource(np.zeros(23)), 4, repeats=3,
+                                   global_batch=12)
+  again = pickle.loads(pickle.dumps(stream))  # As grain's worker processes receive it.
+  assert [again[i]["id"] for i in range(80)] == [stream[i]["id"] for i in range(80)]
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_hold_contiguous_slices_of_the_repeated_batch(process_count):
+  whole = _repeated(23, 12, 3, start_step=4)
+  parts = [_repeated(23, 12, 3, start_step=4, process_index=p,
+                     process_count=process_count) for p in range(process_count)]
+  for k in range(8):
+    for key in ["id", "image", "draw"]:
+      np.testing.assert_array_equal(
+          np.concatenate([part[k][key] for part in parts]), whole[k][key])
+
+
+def test_one_repeat_leaves_both_streams_bitwise_as_before():
+  source = _LabelledSource(np.arange(50) % 3)
+  for p in range(2):  # The plain grain shuffle, built exactly as before this option.
+    before = grain.MapDataset.source(source).seed(3).shuffle().repeat().random_map(_Draw())
+    before = before.batch(8, drop_remainder=True)[p::2][5:]
+    ds = pipeline.train_dataset(source, _Draw(), global_batch=16, seed=3, start_step=5,
+                                process_index=p, process_count=2, repeats=1)
+    for k in range(8):  # 128 positions: across epochs of 50.
+      for key in ["id", "draw"]:
+        np.testing.assert_array_equal(ds[k][key], before[k][key])
+  balanced = _balanced(global_batch=12, repeats=1)
+  fresh = pipeline.BalancedSource(_LabelledSource(_IMBALANCED), _IMBALANCED, seed=0)
+  assert _stream_ids(balanced, 3).tolist() == [fresh.index(i) for i in range(36)]
+
+
+def test_repeats_over_balanced_sampling_repeat_each_balanced_position():
+  k, n = 2, len(_IMBALANCED)
+  once = _stream_ids(_balanced(global_batch=15), n // 15)  # The first n positions.
+  twice = _stream_ids(_balanced(global_batch=15, repeats=k), k * n // 15)
+  assert np.array_equal(np.bincount(twice, minlength=n), k * np.bincount(once, minlength=n))
+  shares = np.bincount(_IMBALANCED[twice], minlength=3) / len(twice)
+  np.testing.assert_allclose(shares, 1 / 3, atol=0.01)
+
+
+def test_an_epoch_stays_the_dataset_length_with_repeats():
+  config = configs.defaults()
+  config.total_epochs = 3.0
+  config.input.batch_size = 100
+  plain = configs.total_steps(config, 1000)
+  config.input.repeated_augmentation = 3
+  assert configs.total_steps(config, 1000) == plain == 30  # DeiT: epochs of len(dataset).
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "config.input.repeated_augmentation must be >= 1 (1: off; DeiT uses 3), got 0"),
+    (-2, "config.input.repeated_augmentation must be >= 1 (1: off; DeiT uses 3), got -2"),
+    (3.0, "config.input.repeated_augmentation must be an integer, got 3.0"),
+    ("3", "config.input.repeated_augmentation must be an integer, got '3'"),
+    (True, "config.input.repeated_augmentation must be an integer, got True"),
+])
+def test_validate_rejects_a_bad_repeat_count_in_one_line(value, message):
+  config = configs.defaults()
+  with config.unlocked(), config.ignore_type():
+    config.input.repeated_augmentation = value
+  found = [p for p in validate.problems(config, local_files=False)
+           if "repeated_augmentation" in p]
+  assert found == [message]
+  config = configs.defaults()
+  config.input.repeated_augmentation = 3
+  assert not [p for p in validate.problems(config, local_files=False)
+              if "repeated_augmentation" in p]

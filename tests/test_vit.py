@@ -293,7 +293,8 @@ def test_unknown_variant_raises_clear_error(variant):
     ("pool_type", "cls", "unknown pool_type 'cls': expected one of gap, tok, map"),
     ("posemb", "sincos", "unknown posemb 'sincos': expected one of learn, sincos2d"),
     ("remat_policy", "fast", "unknown remat_policy 'fast'"),
-    ("dtype", "bfloat17", "unknown dtype 'bfloat17'")])
+    ("dtype", "bfloat17", "unknown dtype 'bfloat17'"),
+    ("weight_init", "torch", "unknown weight_init 'torch': expected one of big_vision, timm")])
 def test_unknown_options_raise_clear_error(field, value, message):
   model = vit.Model(**SMALL, **{field: value})
   with pytest.raises(ValueError) as info:
@@ -317,3 +318,99 @@ def test_registry_finds_vit_by_name_and_lists_models_on_typo():
   for name in ("common", "__init__", "vit.Model", ""):
     with pytest.raises(ValueError, match="unknown model"):
       models.get(name)
+
+
+# timm 0.3.2 / DeiT initialisation (weight_init="timm"), checked by the statistics of the
+# drawn values, not by calling the initialisers: a width-192 model, patch 16 on 64x64.
+TIMM_MODEL = dict(num_classes=1000, width=192, depth=2, mlp_dim=768, num_heads=3,
+                  patch_size=16, pool_type="tok", posemb="learn", head_zeroinit=False,
+                  weight_init="timm")
+
+
+def _by_path(params):
+  return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
+          for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def _normal_tail(k):  # P(|z| > k) for a standard normal, from math.erfc.
+  import math
+  return math.erfc(k / math.sqrt(2))
+
+
+@pytest.fixture(scope="module")
+def timm_params():
+  return _by_path(_init(vit.Model(**TIMM_MODEL), _images(1, 64)))
+
+
+def test_timm_init_keeps_shapes_and_names():
+  images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  for extra in (dict(), dict(pool_type="map", rep_size=True), dict(scan=True)):
+    shapes = [jax.eval_shape(vit.Model(**dict(TIMM_MODEL, **extra, weight_init=w)).init,
+                             jax.random.key(0), images) for w in ("big_vision", "timm")]
+    assert jax.tree.map(lambda x: x.shape, shapes[0]) == jax.tree.map(
+        lambda x: x.shape, shapes[1])
+
+
+def test_timm_init_linear_kernels_are_normal_std_002_not_cut_at_2_std(timm_params):
+  """timm's trunc_normal_(std=.02) cuts at +-2 in value (100 std): the draws are N(0, .02^2).
+
+  A cut at 2 std would give std 0.88 x .02 and nothing past .04; here 4.55% lie past it.
+  """
+  kernels = [v for k, v in timm_params.items()
+             if k.endswith("['kernel']") and "embedding" not in k]
+  assert len(kernels) == 2 * 6 + 1  # Per block q, k, v, out, fc1, fc2; and the head.
+  for k in kernels:
+    assert k.std() == pytest.approx(0.02, rel=0.03)
+  w = np.concatenate([k.ravel() for k in kernels])
+  assert w.size > 1_000_000
+  assert abs(w.mean()) < 1e-4
+  assert w.std() == pytest.approx(0.02, rel=0.005)
+  assert np.mean(np.abs(w) > 0.04) == pytest.approx(_normal_tail(2.0), abs=0.001)
+  assert np.mean(np.abs(w) > 0.06) == pytest.approx(_normal_tail(3.0), abs=3e-4)
+  assert np.abs(w).max() < 2.0
+
+
+def test_timm_init_tokens_biases_norms_and_patch_embedding(timm_params):
+  p = timm_params
+  pos, cls = p["['pos_embedding']"], p["['cls']"]
+  assert pos.shape == (1, 16, 192) and pos.std() == pytest.approx(0.02, rel=0.05)
+  assert cls.std() == pytest.approx(0.02, rel=0.2) and np.all(cls != 0)
+  for k, v in p.items():
+    if k.endswith("['bias']") and "embedding" not in k:
+      assert np.all(v == 0), k  # Linear biases zero; LayerNorm biases zero.
+    if k.endswith("['scale']"):
+      assert np.all(v == 1), k
+  bound = 1 / np.sqrt(16 * 16 * 3)  # torch Conv2d default: U(+-1/sqrt(fan_in)).
+  for name in ("kernel", "bias"):
+    v = p[f"['embedding']['{name}']"]
+    assert v.min() >= -bound and v.max() <= bound
+    assert v.max() > 0.9 * bound and v.min() < -0.9 * bound
+  kernel = p["['embedding']['kernel']"]
+  assert kernel.std() == pytest.approx(bound / np.sqrt(3), rel=0.01)
+
+
+def test_trunc_normal_bounds_are_absolute_values():
+  """With bounds inside the distribution it is a true truncated normal (not a clip)."""
+  import math
+  z = np.asarray(vit.trunc_normal(std=1.0)(jax.random.key(1), (400_000,)), np.float64)
+  assert z.min() >= -2 and z.max() <= 2
+  pdf2 = math.exp(-2.0) / math.sqrt(2 * math.pi)  # Standard normal density at 2.
+  var = 1 - 2 * 2 * pdf2 / (1 - _normal_tail(2.0))  # Of N(0, 1) truncated to [-2, 2].
+  assert z.std() == pytest.approx(math.sqrt(var), rel=0.005)
+  assert np.mean(np.abs(z) > 1.9) > 0.005  # Mass near the bounds: not a clip at 2.
+  assert np.mean(z == 2) == 0 and np.mean(z == -2) == 0
+  w = np.asarray(vit.trunc_normal(std=0.5, a=-0.25, b=1.0)(jax.random.key(2), (100_000,)))
+  assert w.min() >= -0.25 and w.max() <= 1.0 and w.max() > 0.95
+
+
+def test_big_vision_init_is_the_default_and_unchanged():
+  images = _images(1, 64)
+  default = _by_path(_init(vit.Model(**dict(TIMM_MODEL, weight_init="big_vision")), images))
+  assert np.all(default["['cls']"] == 0)
+  assert default["['pos_embedding']"].std() == pytest.approx(192 ** -0.5, rel=0.05)
+  mlp_bias = default["['Transformer']['encoderblock_0']['MlpBlock_0']['Dense_0']['bias']"]
+  assert 0 < np.abs(mlp_bias).max() < 1e-5
+  plain = dict(TIMM_MODEL)
+  del plain["weight_init"]
+  same = _by_path(_init(vit.Model(**plain), images))
+  assert all(np.array_equal(same[k], default[k]) for k in default)

@@ -64,6 +64,16 @@ def defaults() -> ConfigDict:
   c.input.num_workers = 0  # Worker processes for preprocessing; 0 = threads only.
   c.input.device_prefetch = 2  # Batches already on device ahead of the step.
   c.input.balanced_sampling = False  # Every class equally often (stream stays (seed, step)).
+  # Repeated augmentation (DeiT's RASampler, deit@7e160fe samplers.py; DeiT uses 3): each
+  # example of the stream seen k times, each copy with its own augmentation, the copies
+  # at least batch_size // k positions apart (mostly in one global batch, as in DeiT; on
+  # different processes when there are >= k). 1: off. An epoch stays len(dataset)
+  # positions, as in DeiT (main.py:420 loops epochs over a sampler of ~len(dataset),
+  # samplers.py:35,61), so it covers 1/k of the examples k times each; every k epochs
+  # cover every example exactly k times (DeiT instead redraws an order each epoch from
+  # the epoch alone, samplers.py:41-43, keeps its first ~N/k examples, :58, and trims the
+  # epoch to a multiple of 256, :35). With balanced_sampling: each balanced position k times.
+  c.input.repeated_augmentation = 1
   # Keep the prepared training split on the devices and augment in the train step (small
   # datasets; the pp's ops after its first random one must have JAX twins).
   c.input.on_device = False

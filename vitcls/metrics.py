@@ -594,3 +594,34 @@ def f1_scores(scores, targets, thresholds) -> dict[str, float]:
   defined = ~np.isnan(per_label)
   macro = float(np.mean(per_label[defined])) if np.any(defined) else float("nan")
   return {"micro": micro, "macro": macro}
+
+
+# ------------------------------------------------------------------ ImageNet-ReaL
+
+
+class RealAccuracy(NamedTuple):
+  """ReaL top-1 over the images that have a label set, and how many had none."""
+  top1: float  # NaN when no image has a label.
+  count: int  # Images with a non-empty set: the denominator.
+  skipped: int  # Images whose set is empty (the ReaL raters kept no label).
+
+
+def real_accuracy(logits, label_sets) -> RealAccuracy:
+  """Top-1 against ImageNet-ReaL's label sets (Beyer et al. 2020, arXiv 2006.07159).
+
+  A prediction is right when the argmax class (lowest index on ties, as np.argmax) is in
+  the image's set; images with an empty set are left out of both counts, as ReaL's
+  authors and big_vision's classification evaluator do (`mask *= labels.max(axis=1)`,
+  big_vision/evaluators/classification.py:41). `label_sets`: [N, K] multi-hot (what
+  `multihot` makes of TFDS's `real_label`), any value > 0 meaning "in the set".
+  """
+  z = np.asarray(logits)
+  sets = np.asarray(label_sets) > 0
+  if z.ndim != 2 or sets.shape != z.shape:
+    raise ValueError(f"expected logits and label sets of the same [N, K] shape, got "
+                     f"{z.shape} and {sets.shape}")
+  labelled = sets.any(axis=1)
+  hits = sets[np.arange(len(z)), np.argmax(z, axis=1)] & labelled
+  count = int(labelled.sum())
+  top1 = float(hits.sum() / count) if count else float("nan")
+  return RealAccuracy(top1, count, int(len(z) - count))

@@ -304,6 +304,8 @@ def _input(c, out) -> None:
         f"{i.num_threads}")
   for key in ("prefetch", "num_workers", "device_prefetch"):
     _need(out, i[key] >= 0, f"config.input.{key} must be >= 0, got {i[key]}")
+  _need(out, i.repeated_augmentation >= 1, f"config.input.repeated_augmentation must be "
+        f">= 1 (1: off; DeiT uses 3), got {i.repeated_augmentation}")
   _need(out, isinstance(i.data.get("name"), str) and bool(i.data.get("name")),
         "config.input.data.name must name a dataset (TFDS name or folder:PATH)")
   if _pp(out, "input.pp", i.pp) and i.on_device:

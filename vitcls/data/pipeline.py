@@ -8,8 +8,11 @@ epoch), repeated without end. With `balanced_labels` it is class-balanced instea
 `BalancedSource`): positions come in blocks of k, the number of classes present; block b
 visits every class once, in an order drawn from (seed, b); and the j-th visit to class c,
 made in block j, takes the next example of c's own epochs, each a shuffle drawn from
-(seed, c, epoch). Global batch k holds stream positions [k*B, (k+1)*B); process p of P
-holds the contiguous slice [k*B + p*B/P, k*B + (p+1)*B/P). So the batch of step k is a
+(seed, c, epoch). With `repeats` r > 1 (repeated augmentation, DeiT's RASampler) each
+position of that stream is seen r times, its copies at least B//r apart (see
+`RepeatedStream`); every copy is its own stream position, so it gets its own
+preprocessing randomness. Global batch k holds stream positions [k*B, (k+1)*B); process p
+of P holds the contiguous slice [k*B + p*B/P, k*B + (p+1)*B/P). So the batch of step k is a
 pure function of (seed, k, process layout), and the *global* batch is a function of
 (seed, k) alone: resuming at step k builds the stream at k directly, without replaying
 earlier steps.
@@ -136,24 +139,83 @@ class BalancedSource:
     return self._source[self.index(position)]
 
 
-def example_stream(source, seed: int, balanced_labels=None) -> grain.MapDataset:
-  """Stream position -> source example: shuffled per epoch, or class-balanced."""
+def _repeated_position(position: int, n: int, repeats: int, width: int) -> int:
+  """The base-stream position that `position` of a `RepeatedStream` shows (pure, O(1))."""
+  cycle, offset = divmod(int(position), repeats * n)
+  blocks = max(1, n // width)  # The last also takes the n mod width left over.
+  first = min(offset // (repeats * width), blocks - 1) * width
+  if first == (blocks - 1) * width:
+    width = n - first
+  return cycle * n + first + (offset - repeats * first) % width
+
+
+class RepeatedStream:
+  """Repeated augmentation: each position of `base` seen `repeats` (r) times.
+
+  Cycle c (positions [c*r*n, (c+1)*r*n)) shows base positions [c*n, (c+1)*n), each r
+  times: with the plain stream, base epoch c, so every example exactly r times. A cycle
+  is cut into blocks of w = `width` base positions (the pipeline's B//r), the last block
+  of a cycle also taking the n mod w left over (or all n when n < w); a block of v base
+  positions fills r*v stream positions, copy j of its i-th at offset i + j*v. So copies
+  are at least min(w, n) apart: never adjacent (unless that is 1), and on different
+  processes whenever P >= r (a process's slice, B/P, is then at most w long), as DeiT
+  spreads them over its ranks (deit samplers.py:11-12, :55). They lie within r*w <= B
+  positions, so in one global batch or two consecutive ones, except in a cycle's last
+  block (within 2B: up to three): like DeiT's, whose global batch is a contiguous run of
+  its interleaved indices (samplers.py:48, :55). A pure function of the position.
+  """
+
+  def __init__(self, base, n: int, repeats: int, width: int):
+    if repeats < 1 or width < 1 or n < 1:
+      raise ValueError(f"repeated augmentation needs repeats, width and examples >= 1, "
+                       f"got {repeats}, {width} and {n}")
+    self._base, self._n, self._repeats, self._width = base, n, repeats, width
+
+  def __len__(self) -> int:
+    return _UNBOUNDED
+
+  def position(self, position: int) -> int:
+    """The base-stream position shown at `position`."""
+    return _repeated_position(position, self._n, self._repeats, self._width)
+
+  def __getitem__(self, position: int):
+    return self._base[self.position(position)]
+
+
+def example_stream(source, seed: int, balanced_labels=None, *, repeats: int = 1,
+                   global_batch: int = 1) -> grain.MapDataset:
+  """Stream position -> source example: shuffled per epoch, or class-balanced.
+
+  `repeats` > 1 shows each of those positions that many times (`RepeatedStream`), the
+  copies `global_batch // repeats` apart; at 1 the stream is exactly the one without it.
+  """
   if balanced_labels is None:
-    return grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  return grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  else:
+    ds = grain.MapDataset.source(BalancedSource(source, balanced_labels, seed)).seed(seed)
+  if repeats == 1:
+    return ds
+  width = max(1, global_batch // repeats)
+  return grain.MapDataset.source(RepeatedStream(ds, len(source), repeats, width)).seed(seed)
 
 
 def train_dataset(source, pp: Preprocess, *, global_batch: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  balanced_labels: np.ndarray | None = None) -> grain.MapDataset:
+                  balanced_labels: np.ndarray | None = None,
+                  repeats: int = 1) -> grain.MapDataset:
   """Element i is this process's part of global batch `start_step + i` (dict of arrays).
 
   `balanced_labels` (the label of every example by index, as `sources.labels` gives)
   switches the stream to class-balanced sampling; without it the stream is the plain
-  per-epoch shuffle, exactly as it always was.
+  per-epoch shuffle, exactly as it always was. `repeats` (`input.repeated_augmentation`)
+  shows each example of either stream that many times, each copy at its own position,
+  so with its own preprocessing randomness: grain's `random_map` seeds each element's
+  rng from (seed, its position in this stream) (grain 0.2.18
+  _src/python/dataset/transformations/map.py:214), not from the example's index.
   """
   local_batch = _check_divisible(global_batch, process_count)
-  ds = example_stream(source, seed, balanced_labels).random_map(pp)
+  ds = example_stream(source, seed, balanced_labels, repeats=repeats,
+                      global_batch=global_batch).random_map(pp)
   ds = ds.batch(local_batch, drop_remainder=True)  # Local batch j = positions j*b..(j+1)*b.
   ds = ds[process_index::process_count]  # Local batch k*P + p is this process's part of k.
   return ds[start_step:]

@@ -36,6 +36,7 @@ VARIANTS = {
 }
 POOL_TYPES = ("gap", "tok", "map")
 POSEMBS = ("learn", "sincos2d")
+WEIGHT_INITS = ("big_vision", "timm")
 # What `vitcls.validate` checks of the fields' values before flax loads (read from this
 # source: see `vitcls.models.field_rules`). The patch convolution drops pixels past the
 # last whole patch, so a patch need not divide the image, only fit in it.
@@ -43,6 +44,7 @@ FIELD_RULES = {
     "variant": VARIANTS, "width": "positive", "depth": "positive", "mlp_dim": "positive",
     "num_heads": "positive", "patch_size": "patch", "posemb": POSEMBS,
     "pool_type": POOL_TYPES, "dropout": "rate", "stoch_depth": "rate",
+    "weight_init": WEIGHT_INITS,
 }
 
 
@@ -86,18 +88,64 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0):
   return pe[None].astype(jnp.float32)
 
 
+def trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0):
+  """timm's `trunc_normal_(std=std)`: N(0, std^2) truncated to [a, b], in absolute units.
+
+  timm's bounds are values, not multiples of std (timm 0.3.2
+  timm/models/layers/weight_init.py:42, a=-2., b=2.), so at std .02 they sit 100 std out
+  and never bite: the draws are plain N(0, .02^2), std .02 (not the 0.88 x .02 of a cut
+  at 2 std). Bounds that far out are drawn as a normal clipped to them (the same
+  distribution); timm's inverse-CDF draw (weight_init.py:27-38) instead maps a uniform's
+  rare exact -1 to the bound itself (-2, 100 std), an outlier this does not reproduce.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    lo, hi = a / std, b / std
+    if lo <= -8 and hi >= 8:  # Mass outside below 1e-15: truncation changes nothing.
+      return jnp.clip(std * jax.random.normal(key, shape, dtype), a, b)
+    return std * jax.random.truncated_normal(key, lo, hi, shape, dtype)
+  return init
+
+
+def torch_default_uniform(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Conv2d weight and bias init.
+
+  timm 0.3.2's ViT re-initialises only Linear and LayerNorm modules
+  (timm/models/vision_transformer.py:243-252), so its patch embedding (an nn.Conv2d,
+  vision_transformer.py:158) keeps torch's reset_parameters: kaiming_uniform_(a=sqrt(5))
+  for the weight, bound sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(fan_in), and the same
+  bound for the bias.
+  """
+  bound = 1.0 / math.sqrt(fan_in)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def dense_inits(weight_init: str) -> tuple[Any, Any]:
+  """(kernel_init, bias_init) of the Dense layers in the blocks (MLP; attention kernels).
+
+  big_vision: xavier-uniform kernels, MLP biases N(0, 1e-6^2) (attention biases zero);
+  timm: every nn.Linear trunc_normal_(std=.02) with zero bias
+  (timm 0.3.2 vision_transformer.py:246-249).
+  """
+  if weight_init == "timm":
+    return trunc_normal(0.02), nn.initializers.zeros
+  return nn.initializers.xavier_uniform(), nn.initializers.normal(stddev=1e-6)
+
+
 class MlpBlock(nn.Module):
   """Dense(mlp_dim) -> GELU -> dropout -> Dense(width) -> dropout."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  weight_init: str = "big_vision"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    kernel_init, bias_init = dense_inits(self.weight_init)
     dense = lambda n: nn.Dense(  # noqa: E731
-        n, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6))
+        n, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
+        bias_init=bias_init)
     width = x.shape[-1]
     x = dense(self.mlp_dim)(x)
     x = nn.gelu(x)
@@ -118,6 +166,7 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   use_drop_path: bool = False
   dtype: Any = jnp.float32
+  weight_init: str = "big_vision"
 
   @nn.compact
   def __call__(self, x, drop_rate, deterministic: bool = True):
@@ -129,14 +178,14 @@ class Encoder1DBlock(nn.Module):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(),
+        kernel_init=dense_inits(self.weight_init)[0],
         deterministic=True)(y, y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + branch(y)
 
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype)(
-        y, deterministic)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 weight_init=self.weight_init)(y, deterministic)
     return x + branch(y), None
 
 
@@ -157,6 +206,7 @@ class Encoder(nn.Module):
   remat: bool = False
   remat_policy: Optional[str] = None
   scan: bool = False
+  weight_init: str = "big_vision"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -167,7 +217,8 @@ class Encoder(nn.Module):
       block = nn.remat(block, prevent_cse=not self.scan, static_argnums=(3,),
                        policy=_remat_policy(self.remat_policy))
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
-              use_drop_path=self.stoch_depth > 0, dtype=self.dtype)
+              use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
+              weight_init=self.weight_init)
     if self.scan:
       scanned = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -186,17 +237,21 @@ class MAPHead(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  weight_init: str = "big_vision"
 
   @nn.compact
   def __call__(self, x):
     n, _, d = x.shape
-    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d), jnp.float32)
+    timm = self.weight_init == "timm"  # The probe is a learned token, as timm's cls.
+    probe_init = trunc_normal(0.02) if timm else nn.initializers.xavier_uniform()
+    probe = self.param("probe", probe_init, (1, 1, d), jnp.float32)
     probe = jnp.tile(probe, [n, 1, 1]).astype(self.dtype)
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=nn.initializers.xavier_uniform(), deterministic=True)(probe, x)
+        kernel_init=dense_inits(self.weight_init)[0], deterministic=True)(probe, x)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype)(y)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
+                     weight_init=self.weight_init)(y)
     return x[:, 0]
 
 
@@ -227,6 +282,16 @@ class Model(nn.Module):
   dtype: compute dtype ("bfloat16" for mixed precision); params stay float32.
   remat / remat_policy: rematerialise each block in the backward pass.
   scan: one `nn.scan` over blocks, params stacked on a leading depth axis.
+  head_zeroinit: zero head kernel (big_vision's); False: lecun-normal, or timm's
+    trunc-normal with weight_init="timm".
+  weight_init: how fresh parameters are drawn; shapes and names are the same either way.
+    "big_vision": xavier-uniform block kernels, MLP biases N(0, 1e-6^2), position
+      embedding N(0, 1/width), zero cls, lecun-normal patch embedding, zero biases.
+    "timm": timm 0.3.2's VisionTransformer, which DeiT trains
+      (timm/models/vision_transformer.py:222-252): every Dense kernel (attention,
+      MLP, pre_logits, head) `trunc_normal(.02)` with zero bias, position embedding and
+      cls `trunc_normal(.02)`, the patch embedding PyTorch's Conv2d default
+      (`torch_default_uniform`), LayerNorms one and zero (both schemes).
   """
   num_classes: Optional[int] = None
   variant: Optional[str] = None
@@ -245,6 +310,7 @@ class Model(nn.Module):
   remat_policy: Optional[str] = None
   scan: bool = False
   head_zeroinit: bool = True
+  weight_init: str = "big_vision"
 
   def sizes(self) -> dict:
     """The resolved width/depth/mlp_dim/num_heads/patch_size; ValueError on bad config."""
@@ -267,6 +333,9 @@ class Model(nn.Module):
                        f"{', '.join(POOL_TYPES)}")
     if self.posemb not in POSEMBS:
       raise ValueError(f"unknown posemb {self.posemb!r}: expected one of {', '.join(POSEMBS)}")
+    if self.weight_init not in WEIGHT_INITS:
+      raise ValueError(f"unknown weight_init {self.weight_init!r}: expected one of "
+                       f"{', '.join(WEIGHT_INITS)}")
     return sizes
 
   def validate(self) -> None:
@@ -282,8 +351,13 @@ class Model(nn.Module):
     _remat_policy(self.remat_policy)  # Validate even when remat is off.
     out = {}
 
+    timm = self.weight_init == "timm"
+    embed_init = {}
+    if timm:  # fan_in of the patch convolution: patch height x width x input channels.
+      uniform = torch_default_uniform(math.prod(sizes["patch_size"]) * images.shape[-1])
+      embed_init = dict(kernel_init=uniform, bias_init=uniform)
     x = nn.Conv(width, sizes["patch_size"], strides=sizes["patch_size"], padding="VALID",
-                dtype=dtype, param_dtype=jnp.float32, name="embedding")(
+                dtype=dtype, param_dtype=jnp.float32, name="embedding", **embed_init)(
                     jnp.asarray(images, dtype))
     n, h, w, _ = x.shape
     out["stem"] = x.astype(jnp.float32)
@@ -292,18 +366,20 @@ class Model(nn.Module):
     if self.posemb == "sincos2d":
       x = x + posemb_sincos_2d(h, w, width).astype(dtype)
     else:
-      pos = self.param("pos_embedding", nn.initializers.normal(stddev=width ** -0.5),
-                       (1, h * w, width), jnp.float32)
+      pos_init = trunc_normal(0.02) if timm else nn.initializers.normal(stddev=width ** -0.5)
+      pos = self.param("pos_embedding", pos_init, (1, h * w, width), jnp.float32)
       x = x + pos.astype(dtype)
     if self.pool_type == "tok":  # After the posemb, as big_vision: cls has no posemb.
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, width), jnp.float32)
+      cls = self.param("cls", trunc_normal(0.02) if timm else nn.initializers.zeros,
+                       (1, 1, width), jnp.float32)
       x = jnp.concatenate([jnp.tile(cls.astype(dtype), [n, 1, 1]), x], axis=1)
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
     x = Encoder(
         depth=sizes["depth"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"],
         dropout=self.dropout, stoch_depth=self.stoch_depth, dtype=dtype, remat=self.remat,
-        remat_policy=self.remat_policy, scan=self.scan, name="Transformer")(
+        remat_policy=self.remat_policy, scan=self.scan, weight_init=self.weight_init,
+        name="Transformer")(
             x, deterministic=not train)
     out["encoded"] = x.astype(jnp.float32)
 
@@ -312,16 +388,19 @@ class Model(nn.Module):
     elif self.pool_type == "gap":
       x = jnp.mean(x, axis=1)
     else:
-      x = MAPHead(mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], dtype=dtype)(x)
+      x = MAPHead(mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], dtype=dtype,
+                  weight_init=self.weight_init)(x)
 
     rep_size = width if self.rep_size is True else self.rep_size
+    dense_init = dict(kernel_init=trunc_normal(0.02)) if timm else {}
     if rep_size:
       x = nn.tanh(nn.Dense(rep_size, dtype=dtype, param_dtype=jnp.float32,
-                           name="pre_logits")(x))
+                           name="pre_logits", **dense_init)(x))
     out["pre_logits"] = x.astype(jnp.float32)
 
     if self.num_classes:
-      init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+      init = dense_init.get("kernel_init", nn.initializers.lecun_normal())
+      init = nn.initializers.zeros if self.head_zeroinit else init
       x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32,
                    kernel_init=init, bias_init=nn.initializers.zeros, name="head")(x)
     logits = x.astype(jnp.float32)

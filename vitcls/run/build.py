@@ -73,7 +73,9 @@ class Run:
     host work for 128 integers.
     """
     c = self.config
-    stream = pipeline.example_stream(_Indices(len(self.source)), c.seed, labels)
+    stream = pipeline.example_stream(_Indices(len(self.source)), c.seed, labels,
+                                     repeats=c.input.repeated_augmentation,
+                                     global_batch=c.input.batch_size)
     local = c.input.batch_size // jax.process_count()
     step = start_step
     while True:
@@ -92,7 +94,8 @@ class Run:
     dataset = pipeline.train_dataset(
         source, pp, global_batch=c.input.batch_size, seed=c.seed,
         start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), balanced_labels=labels)
+        process_count=jax.process_count(), balanced_labels=labels,
+        repeats=c.input.repeated_augmentation)
     return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
                             prefetch=c.input.prefetch, num_workers=c.input.num_workers,
                             device_prefetch=c.input.device_prefetch)

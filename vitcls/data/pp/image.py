@@ -49,22 +49,73 @@ RESIZE_METHODS = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
                   "bicubic": Image.BICUBIC, "area": Image.BOX}
 
 
-def check_method(method: str) -> None:
-  """Raises TypeError unless `method` is one of `RESIZE_METHODS`."""
+# Methods whose result depends on `antialias`: TF's area and nearest kernels ignore it
+# (tf.image.resize), so they are the same either way here too.
+NON_ANTIALIASED = ("bilinear", "area", "nearest")
+
+
+def check_method(method: str, antialias: bool = True) -> None:
+  """Raises TypeError unless `method` is one of `RESIZE_METHODS` and, with
+  antialias=False, one this module computes without antialiasing."""
   if method not in RESIZE_METHODS:
     *first, last = RESIZE_METHODS
     raise TypeError(f"method must be {', '.join(first)} or {last}, not {method!r}")
+  if not isinstance(antialias, bool):
+    raise TypeError(f"antialias must be True or False, not {antialias!r}")
+  if not antialias and method not in NON_ANTIALIASED:
+    raise TypeError(f"antialias=False is implemented for method bilinear, area or "
+                    f"nearest, not {method!r}")
 
 
-def resize_image(img: np.ndarray, hw: tuple[int, int], method: str) -> np.ndarray:
-  """Resizes an HWC array with PIL, keeping its dtype.
+def _half_pixel_taps(in_size: int, out_size: int):
+  """TF's half-pixel-centre bilinear taps along one axis: (lower, upper, lerp).
+
+  The arithmetic of TF's resize_bilinear (half_pixel_centers=True), in float32:
+  in = (out + 0.5) * (in_size / out_size) - 0.5, the two neighbours clamped to the image
+  and weighted by in - floor(in); no prefilter, so shrinking skips pixels (aliasing).
+  """
+  scale = np.float32(in_size) / np.float32(out_size)
+  pos = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+  floor = np.floor(pos)
+  lower = np.maximum(floor, 0).astype(np.int64)
+  upper = np.minimum(np.ceil(pos), in_size - 1).astype(np.int64)
+  return lower, upper, (pos - floor).astype(np.float32)
+
+
+def resize_bilinear_aliased(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+  """`tf.image.resize(img, hw, "bilinear", antialias=False)` in NumPy, float32 out.
+
+  big_vision's resizes (its `resize`, `resize_small`, `inception_crop` default to
+  antialias=False): each output pixel interpolates its 2x2 nearest input pixels
+  whatever the scale, where PIL widens the kernel when shrinking.
+  """
+  x = img.astype(np.float32)
+  top, bottom, ylerp = _half_pixel_taps(img.shape[0], hw[0])
+  left, right, xlerp = _half_pixel_taps(img.shape[1], hw[1])
+  xlerp = xlerp[None, :, None]
+  def rows(r):
+    return x[r][:, left] + (x[r][:, right] - x[r][:, left]) * xlerp
+  t, b = rows(top), rows(bottom)
+  return t + (b - t) * ylerp[:, None, None]
+
+
+def resize_image(img: np.ndarray, hw: tuple[int, int], method: str,
+                 antialias: bool = True) -> np.ndarray:
+  """Resizes an HWC array with PIL, keeping its dtype (antialias=False: see below).
 
   uint8 images with 1 or 3 channels are resized as one 8-bit PIL image, as torchvision
   and timm resize (their RandomResizedCrop and Resize): each of PIL's two passes rounds
   to 8 bits, which puts about one pixel in six one level away from resizing in float,
   at under two thirds of the cost. Other dtypes and channel counts go channel by
-  channel through PIL's float32 mode.
+  channel through PIL's float32 mode. antialias=False with bilinear is TF's
+  non-antialiased kernel (`resize_bilinear_aliased`), integers rounded back.
   """
+  if not antialias and method == "bilinear":
+    out = resize_bilinear_aliased(img, hw)
+    if np.issubdtype(img.dtype, np.integer):
+      info = np.iinfo(img.dtype)
+      np.clip(np.round(out, out=out), info.min, info.max, out=out)
+    return out.astype(img.dtype, copy=False)
   if img.dtype == np.uint8 and img.shape[-1] in (1, 3):
     return from_pil(to_pil(img).resize((hw[1], hw[0]), resample=RESIZE_METHODS[method]))
   channels = [
@@ -89,13 +140,26 @@ def from_pil(img: Image.Image) -> np.ndarray:
   return arr[..., None] if arr.ndim == 2 else arr
 
 
+def _pil_resize(method: str, antialias: bool):
+  """PIL's resize of the fused decode path, or None where PIL cannot do it (aliased)."""
+  if not antialias and method == "bilinear":
+    return None
+  return lambda pil, hw: pil.resize((hw[1], hw[0]), RESIZE_METHODS[method])
+
+
 @register("resize", tf_twin="resize")
-def resize(size, width=None, key="image", method="bilinear") -> Op:
-  """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area)."""
+def resize(size, width=None, key="image", method="bilinear", antialias=True) -> Op:
+  """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area).
+
+  antialias: True (PIL, torchvision, timm, DeiT: the kernel widens when shrinking);
+    False: TF's `tf.image.resize(..., antialias=False)`, big_vision's default (bilinear;
+    area and nearest are the same either way; bicubic is refused).
+  """
   hw = _hw(size, width)
-  check_method(method)
-  return on_key(key, lambda img, rng: resize_image(img, hw, method),
-                on_pil=lambda pil, rng: pil.resize((hw[1], hw[0]), RESIZE_METHODS[method]))
+  check_method(method, antialias)
+  pil_resize = _pil_resize(method, antialias)
+  return on_key(key, lambda img, rng: resize_image(img, hw, method, antialias),
+                on_pil=pil_resize and (lambda pil, rng: pil_resize(pil, hw)))
 
 
 def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
@@ -109,20 +173,22 @@ def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 @register("resize_small", tf_twin="resize_small")
-def resize_small(size, key="image", method="bilinear") -> Op:
+def resize_small(size, key="image", method="bilinear", antialias=True) -> Op:
   """Resizes so the shorter side is `size`, keeping the aspect ratio (big_vision's op).
 
   size: the shorter side after resizing; the longer is rounded to the nearest pixel.
   method: bilinear|nearest|bicubic|area, as `resize` (big_vision defaults to area; the
     usual ImageNet eval `resize_small(256)|central_crop(224)` is bilinear in timm).
+  antialias: as `resize`.
   """
   size = int(size)
-  check_method(method)
+  check_method(method, antialias)
+  pil_resize = _pil_resize(method, antialias)
   def pil_op(pil, rng):
-    h, w = resize_small_shape(pil.height, pil.width, size)
-    return pil.resize((w, h), RESIZE_METHODS[method])
+    return pil_resize(pil, resize_small_shape(pil.height, pil.width, size))
   return on_key(key, lambda img, rng: resize_image(
-      img, resize_small_shape(img.shape[0], img.shape[1], size), method), on_pil=pil_op)
+      img, resize_small_shape(img.shape[0], img.shape[1], size), method, antialias),
+                on_pil=pil_resize and pil_op)
 
 
 @register("central_crop", tf_twin="central_crop")
@@ -187,7 +253,7 @@ def inception_crop_box(height: int, width: int, area_min: float, area_max: float
 
 @register("inception_crop", random=True)
 def inception_crop(size=None, area_min=5, area_max=100, key="image",
-                   method="bilinear") -> Op:
+                   method="bilinear", antialias=True) -> Op:
   """Random resized crop ("Inception crop"), the ImageNet training crop.
 
   size: when given, the crop is resized to (size, size) with `method` (as `resize`).
@@ -200,23 +266,26 @@ def inception_crop(size=None, area_min=5, area_max=100, key="image",
   sample_distorted_bounding_box, which samples a little differently (a uniform aspect,
   a uniform side rather than area, 100 tries, the whole image as fallback); the
   log-uniform aspect treats tall and wide crops alike.
+  antialias: as `resize` (torchvision's RandomResizedCrop, which DeiT uses, resizes with
+    PIL: antialiased; big_vision's op does not antialias).
   """
   if not 0 < area_min <= area_max <= 100:
     raise TypeError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, "
                     f"{area_max}")
   hw = None if size is None else _hw(size)
-  check_method(method)
+  check_method(method, antialias)
+  pil_resize = _pil_resize(method, antialias)
   def crop(img, rng):
     top, left, h, w = inception_crop_box(img.shape[0], img.shape[1], area_min, area_max,
                                          rng)
     out = img[top:top + h, left:left + w]
-    return out if hw is None else resize_image(out, hw, method)
+    return out if hw is None else resize_image(out, hw, method, antialias)
   def pil_op(pil, rng):
     top, left, h, w = inception_crop_box(pil.height, pil.width, area_min, area_max, rng)
     out = pil.crop((left, top, left + w, top + h))  # Not resize(box=): that reads
     # pixels around the box too.
-    return out if hw is None else out.resize((hw[1], hw[0]), RESIZE_METHODS[method])
-  return on_key(key, crop, on_pil=pil_op)
+    return out if hw is None else pil_resize(out, hw)
+  return on_key(key, crop, on_pil=(pil_resize or None) and pil_op)
 
 
 @register("flip_lr", random=True, jax_twin="flip_lr")

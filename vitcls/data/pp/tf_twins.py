@@ -29,19 +29,23 @@ def cast_like(images, dtype):
   return tf.cast(images, dtype)
 
 
-def resize(size, width=None, key="image", method="bilinear") -> Optional[ImageOp]:
-  """tf.image.resize, antialiased, keeping the dtype as the host op does.
+def resize(size, width=None, key="image", method="bilinear",
+           antialias=True) -> Optional[ImageOp]:
+  """tf.image.resize with the host op's `antialias`, keeping the dtype as the host does.
 
   The host resizes with PIL, TF with its own kernels: with antialias=True they agree to a
   few 1e-4 of a pixel value on bilinear (so rounded uint8 pixels can differ by one), less
-  closely on the other methods. Serving matches the host exactly only when no resize
-  happens (the input already has the pp's size).
+  closely on the other methods. antialias=False bilinear is TF's own kernel on the host
+  (image.resize_bilinear_aliased); the combinations the host refuses are refused here.
+  Serving matches the host exactly only when no resize happens (the input already has
+  the pp's size).
   """
   hw = (int(size), int(size if width is None else width))
-  check_method(method)
+  check_method(method, antialias)
   def op(images):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    out = tf.image.resize(tf.cast(images, tf.float32), hw, method=method, antialias=True)
+    out = tf.image.resize(tf.cast(images, tf.float32), hw, method=method,
+                          antialias=antialias)
     return cast_like(out, images.dtype)
   return _on_image(key, op)
 
@@ -75,20 +79,21 @@ def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0,
   return _on_image(key, op)
 
 
-def resize_small(size, key="image", method="bilinear") -> Optional[ImageOp]:
+def resize_small(size, key="image", method="bilinear",
+                 antialias=True) -> Optional[ImageOp]:
   """Shorter side to `size` as the host's resize_small, then `resize`'s TF resize.
 
   The shape is the host's (`image.resize_small_shape`: the same float64 arithmetic and
   half-to-even rounding), computed per batch since serving takes any input size.
   """
   size = int(size)
-  check_method(method)
+  check_method(method, antialias)
   def op(images):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     hw = tf.cast(tf.shape(images)[1:3], tf.float64)
     new_hw = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)
     out = tf.image.resize(tf.cast(images, tf.float32), new_hw, method=method,
-                          antialias=True)
+                          antialias=antialias)
     return cast_like(out, images.dtype)
   return _on_image(key, op)
 
