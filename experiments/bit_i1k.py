@@ -13,11 +13,10 @@ decoupled weight decay 1e-4 x batch / 256 on kernels, both scaled by the schedul
 and the decay not by the lr (:68-69; `optax.py:132-149`: vitcls's
 `wd_mode="times_schedule"`); cosine decay to 0 after 1,000 linear warmup steps from 0
 (:70; `utils.py:1113-1137`). Eval: `resize_small(256)` (area, `pp/ops_image.py:108`)
-and the central 224 crop (:51) on minival `train[99%:]`, `validation`, `train[:2%]` and
-ImageNet-v2 (:83-86).
+and the central 224 crop (:51) on minival `train[99%:]`, `validation`, `train[:2%]`,
+ImageNet-v2 and ImageNet-ReaL (:83-88).
 Differences (see the audit): vitcls's momentum accumulator is float32 (big_vision:
-bfloat16); its resizes are PIL's (antialiased bilinear, box for area), not TF's; the
-ImageNet-ReaL eval (:87-88) is not available.
+bfloat16); its resizes are PIL's (antialiased bilinear, box for area), not TF's.
 Expected result: big_vision's config quotes no accuracy, only "~32min on v3-128" (:18),
 so `config.expected` is left empty.
 
@@ -67,6 +66,11 @@ def get_config(arg=None):
   c.evals.minival = evaluation("train[99%:]")
   c.evals.val = evaluation("validation")
   c.evals.v2 = evaluation("test", name="imagenet_v2")
+  pp_real = ("decode|resize_small(256,method='area')|central_crop(224)|value_range(-1,1)"
+             "|multihot(1000,key='real_label',key_result='labels')")  # :87-88
+  c.evals.real = configs.ConfigDict(dict(type="real", data="imagenet2012_real",
+                                         split="validation", pp=pp_real, batch_size=1024,
+                                         every=1000))
   c.log_every = 50
   c.checkpoint_every = 1000
 

@@ -78,16 +78,18 @@ def test_a_data_length_and_pp(bv):
   assert ops[:3] == ["decode", "inception_crop(224)", "flip_lr"]  # :50, area 5-100 default
   assert "value_range(-1,1)" in ops and "onehot(1000)" in ops  # :48-49
   # :51; pp/ops_image.py:108 (resize_small defaults to "area").
-  for name in ("train", "minival", "val", "v2"):
+  for name in ("train", "minival", "val", "v2", "real"):
     e = c.evals[name]
     assert e.pp.startswith("decode|resize_small(256,method='area')|central_crop(224)|")
     assert e.every == 1000  # :79
+  assert c.evals.real.type == "real" and "key='real_label'" in c.evals.real.pp  # :87-88
+  assert c.evals.real.pp.startswith("decode|resize_small(256,method='area')|central_crop(224)")
   splits = {k: (c.evals[k].get("data", "imagenet2012"), c.evals[k].split) for k in c.evals}
   assert splits == {"train": ("imagenet2012", "train[:2%]"),  # :83-86
                     "minival": ("imagenet2012", "train[99%:]"),
                     "val": ("imagenet2012", "validation"),
-                    "v2": ("imagenet_v2", "test")}
-  assert "real" not in c.evals  # :87-88, "to fix".
+                    "v2": ("imagenet_v2", "test"),
+                    "real": ("imagenet2012_real", "validation")}
 
 
 def test_a_optimiser_and_schedule(bv):

@@ -26,7 +26,8 @@ from vitcls.run import workdir as wdir
 # Model fields that change how the parameters are computed with, not what they mean; any
 # other `model.*` field, `model_name` or `num_classes` changed on resume is refused.
 EXECUTION_ONLY_MODEL_FIELDS = frozenset({
-    "dtype", "remat", "remat_policy", "scan", "dropout", "stoch_depth", "head_zeroinit"})
+    "dtype", "remat", "remat_policy", "scan", "dropout", "stoch_depth", "head_zeroinit",
+    "weight_init"})
 _SHOWN_CHANGES = 8
 
 
