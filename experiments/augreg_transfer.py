@@ -32,6 +32,10 @@ Arguments (`--config=experiments/augreg_transfer.py:dataset=cifar100,init=PATH.n
 
 from vitcls import configs
 
+# big_vision's inception crop: TF's box sampler and bilinear without antialiasing, cast to
+# uint8 by truncation (pp/ops_image.py:84-85,197-242).
+TF_CROP = "sampling='tf',antialias=False,rounding='truncate'"
+
 B32 = "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz"
 
 # name: (classes, train split, val split, steps, warmup, crop, lr, expected test top-1)
@@ -67,9 +71,9 @@ def get_config(arg=None):
 
   common = f"|value_range(-1,1)|onehot({classes})|keep('image','labels')"
   # big_vision's resize_small defaults to area (pp/ops_image.py:108), unlike vitcls's.
-  crops = {"resmall_crop": f"decode|resize_small({H_RES},method='area')"
+  crops = {"resmall_crop": f"decode|resize_small({H_RES},method='area',rounding='truncate')"
                            f"|random_crop({L_RES})",
-           "inception_crop": f"decode|inception_crop({L_RES})"}
+           "inception_crop": f"decode|inception_crop({L_RES},{TF_CROP})"}
   c.input.data = configs.ConfigDict(dict(name=arg.dataset, split=train))
   c.input.pp = crops[crop] + "|flip_lr" + common
   c.input.batch_size = 512
@@ -77,7 +81,7 @@ def get_config(arg=None):
   c.total_steps = steps
 
   c.optax_name = "sgd"
-  c.optax = configs.ConfigDict(dict(momentum=0.9))
+  c.optax = configs.ConfigDict(dict(momentum=0.9, accumulator_dtype="bfloat16"))
   c.lr = arg.lr or lr
   c.wd = 0.0
   c.grad_clip_norm = 1.0
@@ -85,7 +89,8 @@ def get_config(arg=None):
   c.schedule.decay_type = "cosine"
   c.schedule.warmup_steps = warmup
 
-  pp_eval = (f"decode|resize_small({H_RES},method='area')|central_crop({L_RES})"
+  pp_eval = (f"decode|resize_small({H_RES},method='area',rounding='truncate')"
+             f"|central_crop({L_RES})"
              + common)
   every = 100  # big_vision's log_steps (configs/transfer.py:121).
   c.evals.val = configs.ConfigDict(dict(type="classification", split=val, pp=pp_eval,

@@ -29,6 +29,10 @@ data dir. Arguments (`--config=experiments/bit_i1k.py:batch=1024`):
 
 from vitcls import configs
 
+# big_vision's inception crop: TF's box sampler and bilinear without antialiasing, cast to
+# uint8 by truncation (pp/ops_image.py:84-85,197-242).
+TF_CROP = "sampling='tf',antialias=False,rounding='truncate'"
+
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, batch=4096, depth=50, width=1, runlocal=False)
@@ -42,14 +46,14 @@ def get_config(arg=None):
   c.input.batch_size = arg.batch
   c.input.num_workers = 16
   common = "|onehot(1000)|value_range(-1,1)|keep('image','labels')"
-  c.input.pp = "decode|inception_crop(224)|flip_lr" + common
-  pp_eval = "decode|resize_small(256,method='area')|central_crop(224)" + common
+  c.input.pp = f"decode|inception_crop(224,{TF_CROP})|flip_lr" + common
+  pp_eval = "decode|resize_small(256,method='area',rounding='truncate')|central_crop(224)" + common
 
   c.model_name = "bit_v1"
   c.model = configs.ConfigDict(dict(depth=arg.depth, width=arg.width))
 
   c.optax_name = "sgd"
-  c.optax = configs.ConfigDict(dict(momentum=0.9))
+  c.optax = configs.ConfigDict(dict(momentum=0.9, accumulator_dtype="bfloat16"))
   c.grad_clip_norm = 1.0
   c.lr = 0.1 * arg.batch / 256
   c.wd = 1e-4 * arg.batch / 256
@@ -66,7 +70,8 @@ def get_config(arg=None):
   c.evals.minival = evaluation("train[99%:]")
   c.evals.val = evaluation("validation")
   c.evals.v2 = evaluation("test", name="imagenet_v2")
-  pp_real = ("decode|resize_small(256,method='area')|central_crop(224)|value_range(-1,1)"
+  pp_real = ("decode|resize_small(256,method='area',rounding='truncate')|central_crop(224)"
+             "|value_range(-1,1)"
              "|multihot(1000,key='real_label',key_result='labels')")  # :87-88
   c.evals.real = configs.ConfigDict(dict(type="real", data="imagenet2012_real",
                                          split="validation", pp=pp_real, batch_size=1024,

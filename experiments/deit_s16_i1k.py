@@ -18,8 +18,8 @@ mean/std normalisation); timm's initialisers (`weight_init="timm"`: truncated no
 0.02, zero biases, no zero-init head); evaluation resizes the shorter side to 256
 (bicubic) and takes the central 224. Checked line by line against DeiT's `main.py`,
 `datasets.py`, `samplers.py` and timm 0.3.2 in `experiments/audits/deit_s16_i1k.md`
-(what differs, and why: the lr schedule's per-epoch steps and 1e-6 warm-up start, fp16,
-the mixup partner).
+(what differs, and why: fp16, the mixup partner). The run has DeiT's 375,300 steps; the lr
+follows timm's scheduler as DeiT steps it: from 1e-6, once per epoch, one epoch late.
 
 Data: `imagenet2012` prepared as ArrayRecord in the TFDS data dir (README "Datasets as you
 have them"). Arguments (`--config=experiments/deit_s16_i1k.py:batch=1024`):
@@ -38,7 +38,6 @@ def get_config(arg=None):
   arg = configs.parse_arg(arg, batch=1024, epochs=300, runlocal=False)
   c = configs.defaults()
   c.seed = 0
-  c.total_epochs = float(arg.epochs)
   c.num_classes = 1000
 
   c.input.data = configs.ConfigDict(dict(name="imagenet2012", split="train"))
@@ -63,9 +62,19 @@ def get_config(arg=None):
   c.wd = 0.05
   c.wd_mode = "times_lr"
   c.grad_clip_norm = 0.0
+  # timm 0.3.2's CosineLRScheduler as DeiT drives it (main.py:79-92, 432): epochs of
+  # RASampler's N // 256 * 256 examples in batches of B, the last partial one dropped
+  # (samplers.py:35, main.py:236-242: 1,251 steps at B=1024), warm-up from 1e-6 over 5
+  # epochs, cosine to 1e-5 counted from step 0, the lr set once per epoch, one epoch late.
+  steps_per_epoch = IMAGENET_TRAIN // 256 * 256 // arg.batch
+  c.total_steps = arg.epochs * steps_per_epoch
   c.schedule.decay_type = "cosine"
-  c.schedule.warmup_steps = round(5 * IMAGENET_TRAIN / arg.batch)
+  c.schedule.warmup_steps = 5 * steps_per_epoch
+  c.schedule.warmup_start = 1e-6 / c.lr
   c.schedule.end_factor = 1e-5 / c.lr
+  c.schedule.decay_from_start = True
+  c.schedule.steps_per_update = steps_per_epoch
+  c.schedule.update_lag = 1
   c.label_smoothing = 0.1
   c.mixup = configs.ConfigDict(dict(alpha=0.8, p=0.0))
   c.cutmix = configs.ConfigDict(dict(alpha=1.0))

@@ -29,6 +29,10 @@ have them"). Arguments (`--config=experiments/vit_s16_i1k.py:epochs=300`):
 
 from vitcls import configs
 
+# big_vision's inception crop: TF's box sampler and bilinear without antialiasing, cast to
+# uint8 by truncation (pp/ops_image.py:84-85,197-242).
+TF_CROP = "sampling='tf',antialias=False,rounding='truncate'"
+
 EXPECTED_TOP1 = {90: 0.765, 150: 0.785, 300: 0.800}
 
 
@@ -47,12 +51,13 @@ def get_config(arg=None):
   c.input.batch_size = 1024
   c.input.num_workers = 16  # JPEG decoding and RandAugment need processes, not threads.
   common = "|value_range(-1,1)|onehot(1000)|keep('image','labels')"
-  c.input.pp = "decode|inception_crop(224)|flip_lr|randaug(2,10)" + common
-  # big_vision's resize_small defaults to area (pp/ops_image.py:108), unlike vitcls's.
-  pp_eval = "decode|resize_small(256,method='area')|central_crop(224)" + common
+  c.input.pp = f"decode|inception_crop(224,{TF_CROP})|flip_lr|randaug(2,10)" + common
+  # big_vision's resize_small: area by default (pp/ops_image.py:108), unlike vitcls's, and
+  # cast to uint8 by truncation (pp/ops_image.py:93-131).
+  resized = "decode|resize_small(256,method='area',rounding='truncate')|central_crop(224)"
+  pp_eval = resized + common
   # ReaL's label set as a multi-hot row, as big_vision's onehot of a sequence does.
-  pp_real = ("decode|resize_small(256,method='area')|central_crop(224)|value_range(-1,1)"
-             "|multihot(1000,key='real_label',key_result='labels')")
+  pp_real = resized + "|value_range(-1,1)|multihot(1000,key='real_label',key_result='labels')"
 
   c.model_name = "vit"
   c.model = configs.ConfigDict(dict(variant="S/16", rep_size=True, pool_type="gap",

@@ -42,16 +42,21 @@ VIT = {  # key: check(config of vit_s16_i1k, epochs=90).
                                                                   "train[:99%]"),
     "batch": lambda c: c.input.batch_size == 1024,
     "epochs": lambda c: c.total_epochs == 90 and c.total_steps is None,
-    # utils.py:1043-1053 round(); vitcls ceil: equal at 90 epochs, to fix at 150/300.
+    # utils.py:1043-1053 max(1, round()): vitcls rounds the same way (fixed).
     "rounding": lambda c: (round(90 * TRAIN_99 / 1024)
-                           == configs.total_steps(c, TRAIN_99) == 111_477),
+                           == configs.total_steps(c, TRAIN_99) == 111_477
+                           and configs.total_steps(configs.resolve(c, ["total_epochs=150"]),
+                                                   TRAIN_99) == 185_794),
     "shuffle": lambda c: True,  # By choice: grain's permutation, nothing in the config.
     "loss": lambda c: c.loss == "softmax_xent",  # configs/vit_s16_i1k.py:40
     "label_smoothing": lambda c: c.label_smoothing == 0.0,  # utils.py:276-281
     "decode": lambda c: _ops(c.input.pp)[0] == "decode",  # pp/ops_image.py:197-242
-    "crop_area": lambda c: _ops(c.input.pp)[1] == "inception_crop(224)",  # :199 5..100
-    "crop_sampling": lambda c: "inception_crop(224)" in c.input.pp,  # To fix in pp.
-    "crop_resize": lambda c: "method" not in _ops(c.input.pp)[1],  # Bilinear; to fix.
+    # :199 area 5..100 (the default); pp/ops_image.py:197-242 TF's sampler (fixed);
+    # :201,238 and 84-85 bilinear without antialias, truncated to uint8 (fixed).
+    "crop_area": lambda c: _ops(c.input.pp)[1].startswith("inception_crop(224,"),
+    "crop_sampling": lambda c: "sampling='tf'" in _ops(c.input.pp)[1],
+    "crop_resize": lambda c: (_ops(c.input.pp)[1]
+                              == "inception_crop(224,sampling='tf',antialias=False,rounding='truncate')"),
     "flip": lambda c: _ops(c.input.pp)[2] == "flip_lr",  # configs/vit_s16_i1k.py:57
     "randaug": lambda c: _ops(c.input.pp)[3] == "randaug(2,10)",  # :57, :63
     "randaug_contrast": lambda c: "randaug(2,10)" in c.input.pp,  # By choice (pp).
@@ -92,7 +97,7 @@ VIT = {  # key: check(config of vit_s16_i1k, epochs=90).
     "seed": lambda c: c.seed == 0,  # :37
     # :60 decode|resize_small(256)|central_crop(224)|value_range(-1, 1)|onehot(1000)
     "eval_pp": lambda c: all(_ops(c.evals[k].pp)[:5] == [
-        "decode", "resize_small(256,method='area')", "central_crop(224)",
+        "decode", "resize_small(256,method='area',rounding='truncate')", "central_crop(224)",
         "value_range(-1,1)", "onehot(1000)"] for k in ("train", "minival", "val", "v2")),
     "eval_resize": lambda c: "method='area'" in c.evals.val.pp,  # pp/ops_image.py:108
     "eval_every": lambda c: all(e.every == 2500 for e in c.evals.values()),  # :95
@@ -116,7 +121,7 @@ TASKS = {"cifar10": (10, "train[:98%]", "train[98%:]", 10_000, 500, 0.003, 0.985
          "cifar100": (100, "train[:98%]", "train[98%:]", 10_000, 500, 0.01, 0.9135),
          "oxford_iiit_pet": (37, "train[:90%]", "train[90%:]", 500, 100, 0.003, 0.9378),
          "oxford_flowers102": (102, "train[:90%]", "train[90%:]", 500, 100, 0.003, 0.9943)}
-RESMALL = "resize_small(448,method='area')"
+RESMALL = "resize_small(448,method='area',rounding='truncate')"
 
 
 def _crop(d):  # configs/transfer.py:23-26 (the table's crop per dataset).
@@ -145,14 +150,16 @@ AUGREG = {  # key: check(config, dataset).
         "resize_small(" not in op or op == RESMALL
         for pp in (c.input.pp, c.evals.val.pp, c.evals.test.pp) for op in _ops(pp)),
     "inception_crop": lambda c, d: (_crop(d) != "inception_crop" or _ops(c.input.pp)[:3]
-                                    == ["decode", "inception_crop(384)", "flip_lr"]),
+                                    == ["decode", "inception_crop(384,sampling='tf',antialias=False,rounding='truncate')",
+                                        "flip_lr"]),
     "value_range": lambda c, d: _ops(c.input.pp)[-3:-1] == [
         "value_range(-1,1)", f"onehot({TASKS[d][0]})"],  # :94-98
     "eval_pp": lambda c, d: all(_ops(e.pp)[:3] == ["decode", RESMALL, "central_crop(384)"]
                                 for e in (c.evals.val, c.evals.test)),  # :113
     "batch": lambda c, d: c.input.batch_size == 512,  # :155
-    # :168 momentum_hp (bfloat16 accumulator): to fix in vitcls/optim.py.
-    "optimizer": lambda c, d: c.optax_name == "sgd" and dict(c.optax) == {"momentum": 0.9},
+    # :168 momentum_hp (bfloat16 accumulator): fixed.
+    "optimizer": lambda c, d: c.optax_name == "sgd" and dict(c.optax) == {
+        "momentum": 0.9, "accumulator_dtype": "bfloat16"},
     "wd": lambda c, d: c.wd == 0.0,  # :170
     "clip": lambda c, d: c.grad_clip_norm == 1.0,  # :169
     "schedule": lambda c, d: (c.schedule.decay_type == "cosine"

@@ -72,8 +72,9 @@ def test_resolved_config_is_locked():
 
 @pytest.mark.parametrize("fields, expected", [
     (dict(total_steps=10, total_examples=1000, total_epochs=3.0), 10),
-    (dict(total_examples=1000, total_epochs=3.0), 8),  # ceil(1000 / 128)
-    (dict(total_epochs=2.5), 79),  # ceil(2.5 * 4000 / 128)
+    (dict(total_examples=1000, total_epochs=3.0), 8),  # round(7.8125)
+    (dict(total_epochs=2.5), 78),  # round(2.5 * 4000 / 128 = 78.125), as big_vision
+    (dict(total_epochs=0.001), 1),  # At least one step.
 ])
 def test_duration_precedence(fields, expected):
   c = configs.resolve(configs.ConfigDict({"input": {"batch_size": 128}}))

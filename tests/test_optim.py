@@ -235,3 +235,143 @@ def test_stair_schedule_divides_at_the_boundaries():
                       "schedule.boundaries": [0.25]}), 90)
   with pytest.raises(configs.ConfigError, match="wd_mode: unknown value 'l3'"):
     _check(_config(wd_mode="l3"))
+
+
+def _previous_schedule(lr, s, warmup, total):
+  """make_schedule before warmup_start / decay_from_start / steps_per_update existed."""
+  decay_steps = max(total - warmup, 1)
+  scales = {}
+  for b in s["boundaries"]:
+    step = round(b * total) - warmup
+    scales[step] = scales.get(step, 1.0) * 0.1
+  decay = {
+      "cosine": optax.cosine_decay_schedule(lr, decay_steps, alpha=s["end_factor"]),
+      "linear": optax.linear_schedule(lr, lr * s["end_factor"], decay_steps),
+      "rsqrt": lambda step: lr * (1.0 + step / 8) ** -0.5,
+      "constant": optax.constant_schedule(lr),
+      "stair": optax.piecewise_constant_schedule(lr, scales),
+  }[s["decay_type"]]
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "rsqrt", "constant", "stair"])
+@pytest.mark.parametrize("warmup", [0, 7])
+def test_default_schedule_fields_leave_every_schedule_bitwise_unchanged(decay, warmup):
+  s = {"decay_type": decay, "end_factor": 0.05, "timescale": 8,
+       "boundaries": [0.5, 0.8] if decay == "stair" else []}
+  c = _config(lr=0.3, **{f"schedule.{k}": v for k, v in s.items()},
+              **{"schedule.warmup_steps": warmup})
+  new, old = optim.make_schedule(c, 50), _previous_schedule(0.3, s, warmup, 50)
+  steps = jnp.arange(51)
+  assert np.asarray(new(steps)).tobytes() == np.asarray(old(steps)).tobytes()
+  for step in (0, 6, 7, 25, 40, 50):  # Python ints, as make_optimizer's users pass them.
+    assert np.asarray(new(step)).tobytes() == np.asarray(old(step)).tobytes()
+
+
+def _timm_cosine(t, *, lr, warmup_lr, min_lr, warmup_t, t_initial):
+  """timm 0.3.2 CosineLRScheduler._get_lr(t), one cycle, t in epochs (or steps)."""
+  if t < warmup_t:
+    return warmup_lr + t * (lr - warmup_lr) / warmup_t
+  return min_lr + 0.5 * (lr - min_lr) * (1 + np.cos(np.pi * t / t_initial))
+
+
+def _deit_fields(lr, steps_per_epoch, warmup_epochs=5, lag=1):
+  return {"lr": lr, "schedule.decay_type": "cosine",
+          "schedule.warmup_steps": warmup_epochs * steps_per_epoch,
+          "schedule.warmup_start": 1e-6 / lr, "schedule.end_factor": 1e-5 / lr,
+          "schedule.decay_from_start": True,
+          "schedule.steps_per_update": steps_per_epoch, "schedule.update_lag": lag}
+
+
+def test_timm_cosine_with_warmup_start_and_decay_from_start_per_step():
+  """t in steps (t_in_epochs=False): warmup from warmup_lr, cosine counted from step 0."""
+  lr, warmup, total = 2e-3, 10, 100
+  fields = _deit_fields(lr, steps_per_epoch=1, warmup_epochs=warmup, lag=0)
+  sched = optim.make_schedule(_config(**fields), total)
+  for t in (0, 1, 5, 9, 10, 11, 37, 99, 100):
+    expected = _timm_cosine(t, lr=lr, warmup_lr=1e-6, min_lr=1e-5, warmup_t=warmup,
+                            t_initial=total)
+    np.testing.assert_allclose(sched(t), expected, rtol=1e-5, err_msg=f"step {t}")
+
+
+def test_deit_schedule_is_timm_per_epoch_one_epoch_late():
+  """DeiT: lr_scheduler.step(epoch) after each epoch, so epoch e trains at lr(e - 1)."""
+  lr, spe, epochs = 1e-3, 3, 20
+  sched = optim.make_schedule(_config(**_deit_fields(lr, spe)), epochs * spe)
+  timm = lambda e: _timm_cosine(e, lr=lr, warmup_lr=1e-6, min_lr=1e-5,  # noqa: E731
+                                warmup_t=5, t_initial=epochs)
+  for step in range(epochs * spe):
+    expected = timm(max(step // spe - 1, 0))
+    np.testing.assert_allclose(sched(step), expected, rtol=1e-5, err_msg=f"step {step}")
+  assert float(sched(0)) == float(sched(2 * spe - 1))  # Epochs 0 and 1: both 1e-6.
+
+
+def test_deit_schedule_at_full_scale():
+  """300 epochs of 1,251 steps: 1e-6 twice, the jump to 0.9993e-3 at epoch 6, 1e-5 end."""
+  lr, spe = 5e-4 * 1024 / 512, 1251
+  sched = optim.make_schedule(_config(**_deit_fields(lr, spe)), 300 * spe)
+  cases = {0: 1e-6, 2 * spe - 1: 1e-6, 2 * spe: 1e-6 + (lr - 1e-6) / 5,
+           6 * spe - 1: 1e-6 + 4 * (lr - 1e-6) / 5,
+           6 * spe: 1e-5 + 0.5 * (lr - 1e-5) * (1 + np.cos(np.pi * 5 / 300)),
+           300 * spe - 1: 1e-5 + 0.5 * (lr - 1e-5) * (1 + np.cos(np.pi * 298 / 300))}
+  for step, expected in cases.items():
+    np.testing.assert_allclose(sched(step), expected, rtol=1e-5, err_msg=f"step {step}")
+  np.testing.assert_allclose(sched(6 * spe), 0.9993e-3, rtol=1e-4)
+  jitted = jax.jit(sched)(jnp.arange(0, 300 * spe, 997))  # Traced steps (float32).
+  np.testing.assert_allclose(jitted, [sched(int(t)) for t in range(0, 300 * spe, 997)],
+                             rtol=1e-5)
+
+
+def test_decay_from_start_counts_stair_boundaries_from_step_0_too():
+  c = _config(lr=0.4, **{"schedule.warmup_steps": 5, "schedule.decay_type": "stair",
+                         "schedule.boundaries": [1 / 3], "schedule.decay_from_start": True})
+  sched = optim.make_schedule(c, total_steps=90)
+  for step, value in {2: 0.4 * 2 / 5, 5: 0.4, 29: 0.4, 30: 0.04, 90: 0.04}.items():
+    np.testing.assert_allclose(sched(step), value, rtol=1e-5, err_msg=f"step {step}")
+
+
+def test_bad_schedule_stepping_fields_are_errors():
+  for field, value, message in [
+      ("warmup_start", -0.1, "schedule.warmup_start must be a finite number >= 0"),
+      ("steps_per_update", 0, "schedule.steps_per_update must be >= 1"),
+      ("update_lag", -1, "schedule.update_lag must be >= 0")]:
+    with pytest.raises(configs.ConfigError, match=message):
+      _check(_config(**{f"schedule.{field}": value}))
+
+
+def test_sgd_bfloat16_momentum_matches_a_numpy_reference():
+  """big_vision's momentum_hp: the trace stored in bfloat16, the step from g + mu * m.
+
+  Momentum 0.5 keeps mu * m exact in bfloat16, so the reference is the same whether XLA
+  rounds the product (eager) or keeps it in float32 (jit, excess precision).
+  """
+  import ml_dtypes
+  bf16 = ml_dtypes.bfloat16
+  lr, mu = 0.1, 0.5
+  c = _config(lr=lr, wd=0.0, optax_name="sgd", grad_clip_norm=0.0,
+              optax=configs.ConfigDict({"momentum": mu, "accumulator_dtype": "bfloat16"}),
+              **{"schedule.decay_type": "constant"})
+  _check(c)
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  rng = np.random.default_rng(0)
+  p0 = rng.normal(size=64).astype(np.float32)
+  for update in (tx.update, jax.jit(tx.update)):
+    p, state = {"w": {"kernel": jnp.asarray(p0)}}, tx.init({"w": {"kernel": p0}})
+    ref_p, ref_m = p0.copy(), np.zeros(64, bf16)
+    for _ in range(4):
+      g = rng.normal(size=64).astype(np.float32)
+      updates, state = update({"w": {"kernel": jnp.asarray(g)}}, state, p)
+      p = optax.apply_updates(p, updates)
+      step = g + np.float32(mu) * ref_m.astype(np.float32)
+      ref_m = step.astype(bf16)
+      ref_p = ref_p - np.float32(lr) * step
+      (trace,) = [x for x in jax.tree_util.tree_leaves(state) if np.ndim(x)]
+      assert trace.dtype == jnp.bfloat16
+      assert np.asarray(trace).tobytes() == ref_m.tobytes()
+    np.testing.assert_allclose(p["w"]["kernel"], ref_p, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(ref_m.astype(np.float32), step, rtol=1e-4)  # Rounding was real.
+  with pytest.raises(configs.ConfigError, match="optax.accumulator_dtype must be one of"):
+    _check(_config(optax_name="sgd",
+                   optax=configs.ConfigDict({"accumulator_dtype": "bf16"})))

@@ -95,6 +95,105 @@ def test_inception_crop_falls_back_to_the_largest_central_crop_in_aspect(h, w, b
     np.testing.assert_array_equal(crop, img[top:top + ch, left:left + cw])
 
 
+def _torchvision_box(height, width, area_min, rng):
+  """torchvision's RandomResizedCrop sampling, written out: the default's reference."""
+  for _ in range(10):
+    area = height * width * rng.uniform(area_min, 100) / 100
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < h <= height and 0 < w <= width:
+      return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+  return None
+
+
+def test_inception_crop_default_is_torchvisions_sampling_draw_for_draw():
+  img = _coords(60, 90)
+  for seed in range(200):
+    box = _torchvision_box(60, 90, 30, np.random.default_rng(seed))
+    got = _run("inception_crop(area_min=30)", {"image": img}, seed)["image"]
+    if box is not None:
+      top, left, h, w = box
+      np.testing.assert_array_equal(got, img[top:top + h, left:left + w])
+  for spec in ("inception_crop(area_min=30)", "inception_crop(area_min=30, "
+               "sampling='torchvision', rounding='nearest')"):
+    op = pp_lib.parse("decode|" + spec)
+    assert type(op.ops[0]).__name__ == "_DecodeThenPil"
+
+
+def _tf_boxes(n, h, w, area_min, area_max=100, seed=0):
+  rng = np.random.default_rng(seed)
+  return np.array([pp_image.tf_crop_box(h, w, area_min, area_max, rng) for _ in range(n)])
+
+
+def _uniform_counts_ok(values, lo, hi, bins=10):
+  """Counts in `bins` equal bins of [lo, hi] are binomial(n, 1/bins) within 5 sigma."""
+  n = len(values)
+  counts, _ = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
+  sigma = math.sqrt(n / bins * (1 - 1 / bins))
+  return np.abs(counts - n / bins).max() < 5 * sigma, counts
+
+
+def test_tf_sampling_draws_the_aspect_and_the_side_uniformly():
+  """TF's sampler: aspect uniform in [0.75, 1.33]; at that aspect the height is uniform,
+  so sqrt(area) is uniform in [sqrt(area_min), sqrt(area_max)] and the area is not.
+  In a 400x400 image with areas up to 25% every attempt fits, so nothing is redrawn."""
+  boxes = _tf_boxes(4000, 400, 400, 5, 25)
+  h, w = boxes[:, 2].astype(float), boxes[:, 3].astype(float)
+  ok, counts = _uniform_counts_ok(w / h, 0.75, 1.33)
+  assert ok, counts
+  root = np.sqrt(h * w / 400**2)
+  ok, counts = _uniform_counts_ok(root, math.sqrt(0.05), 0.5)
+  assert ok, counts
+  # E[s^2] for s uniform in [a, b] is (a^2 + ab + b^2) / 3 = 0.137; uniform area: 0.15.
+  a, b = math.sqrt(0.05), 0.5
+  assert abs(np.mean(root**2) - (a * a + a * b + b * b) / 3) < 0.004
+  assert (w / h).min() >= 0.75 - 0.5 / 100 and (w / h).max() <= 1.33 + 0.5 / 100
+
+
+def test_tf_sampling_offsets_stop_one_short_of_the_far_edge():
+  """TF draws the offset with Uniform(side - crop), which excludes side - crop."""
+  boxes = _tf_boxes(3000, 10, 12, 5)
+  top, left, h, w = boxes.T
+  for start, side, full in ((top, h, 10), (left, w, 12)):
+    part = side < full
+    assert (start[part] + side[part] <= full - 1).all()
+    assert (start[part] + side[part] == full - 1).any() and (start[part] == 0).any()
+    assert (start[~part] == 0).all()
+
+
+@pytest.mark.parametrize("h, w, area_min", [(200, 300, 100), (300, 60, 50)])
+def test_tf_sampling_falls_back_to_the_whole_image(h, w, area_min):
+  """Nothing fits: 100% of 200x300 needs aspect 1.5; 50% of 300x60 needs h >= 150, so
+  w / h <= 0.4. torchvision's way would take a central crop of the first."""
+  img = _coords(h, w)
+  for seed in range(3):
+    crop = _run(f"inception_crop(area_min={area_min}, sampling='tf')", {"image": img},
+                seed)["image"]
+    np.testing.assert_array_equal(crop, img)
+
+
+def test_tf_sampling_matches_tensorflows_distribution():
+  """TF's own sampler on a small image: the same boxes with the same frequencies."""
+  tf = pytest.importorskip("tensorflow")
+  tf.random.set_seed(0)
+  n, shape = 2000, (9, 13)
+  theirs = []
+  for _ in range(n):
+    begin, size, _ = tf.image.sample_distorted_bounding_box(
+        shape + (3,), tf.zeros([0, 0, 4]), area_range=(0.3, 1.0),
+        min_object_covered=0, use_image_if_no_bounding_boxes=True)
+    theirs.append((*begin.numpy()[:2], *size.numpy()[:2]))
+  ours = _tf_boxes(n, *shape, 30)
+  def freq(boxes):
+    keys, counts = np.unique(np.asarray(boxes)[:, 2:], axis=0, return_counts=True)
+    return {tuple(k): c / n for k, c in zip(keys, counts)}
+  f, g = freq(theirs), freq(ours)
+  assert sum(abs(f.get(k, 0) - g.get(k, 0)) for k in f.keys() | g.keys()) / 2 < 0.06
+  for boxes in (np.asarray(theirs), ours):
+    part = boxes[:, 2] < shape[0]
+    assert (boxes[part, 0] + boxes[part, 2] <= shape[0] - 1).all()
+
+
 # RandAugment: each operation against a reference.
 
 def test_point_operations_match_formulas():
@@ -295,6 +394,8 @@ def test_randaug_is_deterministic_uint8_and_draws_ops_uniformly():
     ("random_erasing(mode='rand')", "mode must be pixel or const"),
     ("decode(channels=4)", "channels must be 1 or 3"),
     ("resize_small(8, method='lanczos')", "method must be"),
+    ("inception_crop(sampling='timm')", "sampling must be torchvision or tf"),
+    ("resize(8, rounding='floor')", "rounding must be nearest or truncate"),
 ])
 def test_bad_arguments_are_one_line_preprocess_errors(spec, message):
   with pytest.raises(pp_lib.PreprocessError) as e:
@@ -434,6 +535,7 @@ def _one_by_one(spec):
     "decode|inception_crop|resize(20, 16, method='bicubic')|random_crop(12)",
     "decode|resize_small(20)|central_crop(16)",
     "decode(channels=1)|resize(12)|inception_crop(8, area_min=30)|random_shift(1)",
+    "decode|inception_crop(12, sampling='tf')|flip_lr",
 ])
 def test_decode_runs_following_crops_and_resizes_in_pil_with_the_same_result(spec):
   fused = pp_lib.parse(spec)
@@ -635,3 +737,52 @@ def test_serving_twins_follow_antialias_false():
   (op,) = serving.image_ops("resize(7,9,antialias=False)")
   want = tf.image.resize(images.astype(np.float32), (7, 9), antialias=False).numpy()
   np.testing.assert_array_equal(op(tf.constant(images)).numpy(), np.round(want))
+  # rounding='truncate' (big_vision's tf.cast after the resize) reaches the twins too.
+  for spec in ("resize(7,9,antialias=False,rounding='truncate')",
+               "resize_small(5,antialias=False,rounding='truncate')"):
+    (op,) = serving.image_ops(spec)
+    host = [_run(spec, {"image": img})["image"] for img in images]
+    np.testing.assert_array_equal(op(tf.constant(images)).numpy(), host)
+  (op,) = serving.image_ops("resize(7,9,antialias=False,rounding='truncate')")
+  np.testing.assert_array_equal(op(tf.constant(images)).numpy(), np.floor(want))
+
+
+def test_rounding_truncate_casts_toward_zero_as_big_vision():
+  """[10, 21] upsampled to 4 columns, TF bilinear without antialias: taps at -0.25,
+  0.25, 0.75, 1.25 give 10, 12.75, 18.25, 21."""
+  img = np.array([[[10], [21]]], np.uint8)
+  got = {r: _run(f"resize(1, 4, antialias=False, rounding={r!r})",
+                 {"image": img})["image"][0, :, 0].tolist() for r in ("nearest", "truncate")}
+  assert got == {"nearest": [10, 13, 18, 21], "truncate": [10, 12, 18, 21]}
+  # Any kernel: the floor of the float resize (values stay in [0, 255]).
+  img = np.random.default_rng(2).integers(0, 256, (23, 31, 3), np.uint8)
+  for spec in ("resize(10, 12{})", "resize_small(9, method='area'{})",
+               "resize(10, 12, antialias=False{})"):
+    want = _run(spec.format(""), {"image": img.astype(np.float32)})["image"]
+    got = _run(spec.format(", rounding='truncate'"), {"image": img})["image"]
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, np.floor(want))
+  # inception_crop: the same box as without resizing, its resize truncated.
+  spec = "inception_crop(10, sampling='tf', antialias=False, rounding='truncate')"
+  for seed in range(4):
+    top, left, h, w = pp_image.tf_crop_box(23, 31, 5, 100, np.random.default_rng(seed))
+    want = _aliased_bilinear_reference(img[top:top + h, left:left + w], 10, 10)
+    got = _run(spec, {"image": img}, seed)["image"]
+    # Near an integer float32 may land either side of it (159.99998 truncates to 159).
+    near = np.abs(want - np.round(want)) < 1e-3
+    np.testing.assert_array_equal(got[~near], np.floor(want)[~near])
+    assert np.isin(np.round(want[near]) - got[near], (0, 1)).all()
+
+
+@pytest.mark.parametrize("spec", [
+    "decode|resize_small(8, rounding='truncate')|central_crop(6)",
+    "decode|inception_crop(12, sampling='tf', antialias=False, rounding='truncate')",
+])
+def test_decode_does_not_fuse_truncating_resizes_and_gives_the_same_pixels(spec):
+  """PIL's 8-bit resize rounds: a truncating op runs on the decoded array instead."""
+  assert type(pp_lib.parse(spec).ops[0]).__name__ == "_Decode"
+  encoded = _encode(_gradient(40))
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        pp_lib.parse(spec)({"image": encoded}, np.random.default_rng(seed))["image"],
+        _one_by_one(spec)({"image": encoded}, np.random.default_rng(seed))["image"])

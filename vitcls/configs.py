@@ -123,6 +123,15 @@ def defaults() -> ConfigDict:
   c.schedule.timescale = 10_000  # rsqrt decay timescale in steps.
   c.schedule.boundaries = []  # stair: fractions of the run where lr *= stair_factor.
   c.schedule.stair_factor = 0.1
+  # The warmup starts at warmup_start * lr (timm's warmup_lr / lr; DeiT: 1e-6 / lr).
+  c.schedule.warmup_start = 0.0
+  # False: the decay runs over the steps after the warmup. True (timm): its clock starts
+  # at step 0 and the warmup replaces its first steps (a jump at the warmup's end).
+  c.schedule.decay_from_start = False
+  # The lr changes once per steps_per_update steps (timm's t_in_epochs: steps per epoch),
+  # update_lag updates late, never before step 0 (DeiT's step(epoch) after the epoch: 1).
+  c.schedule.steps_per_update = 1
+  c.schedule.update_lag = 0
 
   c.evals = ConfigDict()  # name -> evaluator config (see vitcls.evaluators).
   # Published results this run should reproduce, `{"<eval>/<metric>": value}`; the
@@ -388,14 +397,20 @@ def imagenet_runlocal(c: ConfigDict, model: dict, *, batch: int = 16,
 
 
 def total_steps(config: ConfigDict, num_train_examples: int) -> int:
-  """Training length in steps: total_steps, else total_examples, else total_epochs."""
+  """Training length in steps: total_steps, else total_examples, else total_epochs.
+
+  Examples and epochs round to the nearest step, at least one, as big_vision's
+  `utils.steps` does (big_vision/utils.py:1043-1053 at 0127fb6b): its configs' step
+  counts are reproduced exactly.
+  """
   batch = config.input.batch_size
   if config.total_steps is not None:
     steps = config.total_steps
   elif config.total_examples is not None:
-    steps = -(-config.total_examples // batch)
+    steps = max(1, round(config.total_examples / batch)) if config.total_examples else 0
   elif config.total_epochs is not None:
-    steps = int(-(-config.total_epochs * num_train_examples // batch))
+    steps = (max(1, round(config.total_epochs * num_train_examples / batch))
+             if config.total_epochs else 0)
   else:
     raise ConfigError("no training length: set total_steps, total_examples or "
                       "total_epochs")

@@ -1,7 +1,9 @@
 """The optax optimiser and learning-rate schedule a config asks for.
 
-Schedule: linear warmup from 0 to `lr`, then cosine / linear / rsqrt / stair decay (or
-constant).
+Schedule: linear warmup from `warmup_start * lr` (0 by default) to `lr`, then cosine /
+linear / rsqrt / stair decay (or constant), whose clock starts after the warmup or, with
+`decay_from_start`, at step 0 (timm); the lr may be held for `steps_per_update` steps and
+lag `update_lag` updates (timm's per-epoch stepping as DeiT calls it).
 Optimiser: global-norm clipping, then AdamW, SGD with momentum or Adafactor, with weight
 decay `wd` on the parameters whose path matches `wd_mask` (kernels by default, so biases,
 norms and embeddings are not decayed), in one of three forms (`wd_mode`): "times_lr"
@@ -29,32 +31,67 @@ from vitcls import configs, treeutil
 
 
 def make_schedule(config, total_steps: int) -> optax.Schedule:
-  """lr(step): linear warmup to `config.lr`, then the configured decay to the end."""
+  """lr(step): the smooth schedule, held per `steps_per_update` block when asked."""
+  s = config.schedule
+  smooth = _smooth_schedule(config, total_steps)
+  if s.steps_per_update == 1 and s.update_lag == 0:
+    return smooth
+  return _held(smooth, s.steps_per_update, s.update_lag)
+
+
+def _smooth_schedule(config, total_steps: int) -> optax.Schedule:
+  """Linear warmup from `warmup_start * lr` to `lr`, then the configured decay.
+
+  The decay's clock starts at `origin`: the end of the warmup (the warmup is a prefix), or
+  step 0 with `decay_from_start` (timm's CosineLRScheduler: the warmup replaces the
+  decay's first steps, so the lr jumps from the warmup to the decay's value there).
+  """
   s, lr = config.schedule, config.lr
   warmup = configs.warmup_steps(config, total_steps)
-  decay_steps = max(total_steps - warmup, 1)
+  origin = 0 if s.decay_from_start else warmup
+  decay_steps = max(total_steps - origin, 1)
   end = lr * s.end_factor
   decays = {
       "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=s.end_factor),
       "linear": lambda: optax.linear_schedule(lr, end, decay_steps),
       "rsqrt": lambda: (lambda step: lr * (1.0 + step / s.timescale) ** -0.5),
       "constant": lambda: optax.constant_schedule(lr),
-      "stair": lambda: _stair(lr, s, total_steps, warmup),
+      "stair": lambda: _stair(lr, s, total_steps, origin),
   }
   decay = decays[s.decay_type]()
   if warmup == 0:
     return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+  if origin != warmup:  # join_schedules reads `decay` from the warmup's end.
+    decay = _shifted(decay, warmup - origin)
+  start = optax.linear_schedule(s.warmup_start * lr, lr, warmup)
+  return optax.join_schedules([start, decay], [warmup])
 
 
-def _stair(lr: float, s, total_steps: int, warmup: int) -> optax.Schedule:
+def _shifted(schedule: optax.Schedule, offset: int) -> optax.Schedule:
+  return lambda step: schedule(step + offset)
+
+
+def _held(schedule: optax.Schedule, every: int, lag: int) -> optax.Schedule:
+  """`schedule` read once per block of `every` steps, `lag` blocks late (never before 0).
+
+  timm's schedulers with `t_in_epochs=True` change the lr once per epoch; DeiT's main.py
+  calls `lr_scheduler.step(epoch)` after epoch `epoch`, so epoch e trains at lr(e - 1)
+  and epochs 0 and 1 both at lr(0): `every` = steps per epoch, `lag` = 1.
+  """
+  def held(step):
+    block = jnp.maximum(jnp.floor_divide(step, every) - lag, 0)
+    return schedule(block * every)
+  return held
+
+
+def _stair(lr: float, s, total_steps: int, origin: int) -> optax.Schedule:
   """`lr`, multiplied by `stair_factor` at each of `boundaries` (fractions of the run).
 
   The ResNet / BiT step schedule: boundaries [30/90, 60/90, 80/90] and factor 0.1 divide
   the lr by 10 at epochs 30, 60 and 80 of 90, counted from the first step (warmup
-  included); the returned schedule is read from the end of the warmup.
+  included); the returned schedule is read from `origin` (the end of the warmup, or 0).
   """
-  steps = [round(float(b) * total_steps) - warmup for b in s.boundaries]
+  steps = [round(float(b) * total_steps) - origin for b in s.boundaries]
   scales = {}
   for step in steps:  # Boundaries on the same step multiply.
     scales[step] = scales.get(step, 1.0) * s.stair_factor
@@ -85,10 +122,17 @@ def decay_by_schedule(weight_decay: float, factor: optax.Schedule,
   return optax.GradientTransformation(init, update)
 
 
-def _sgd(learning_rate, weight_decay, mask, momentum=0.9, nesterov=False):
-  """SGD with momentum and decoupled weight decay (added after the momentum)."""
+def _sgd(learning_rate, weight_decay, mask, momentum=0.9, nesterov=False,
+         accumulator_dtype=None):
+  """SGD with momentum and decoupled weight decay (added after the momentum).
+
+  `accumulator_dtype` ("bfloat16": big_vision's `momentum_hp`) stores the momentum in
+  that dtype; the step itself uses the unrounded `g + momentum * m`, as `optax.trace` does.
+  """
+  dtype = None if accumulator_dtype is None else jnp.dtype(accumulator_dtype)
+  trace = optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=dtype)
   return optax.chain(
-      optax.trace(decay=momentum, nesterov=nesterov) if momentum else optax.identity(),
+      trace if momentum else optax.identity(),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
 

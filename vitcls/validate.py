@@ -206,6 +206,9 @@ def _durations(c, out) -> None:
     _need(out, c[key] > 0, f"config.{key} must be positive, got {c[key]}")
 
 
+_ACCUMULATOR_DTYPES = ("float32", "bfloat16", "float16")  # SGD's momentum (optax.trace).
+
+
 def _optimiser(c, out) -> None:
   _one_of(out, "optax_name", c.optax_name, configs.OPTIMIZERS)
   _one_of(out, "wd_mode", c.wd_mode, configs.WD_MODES)
@@ -213,6 +216,9 @@ def _optimiser(c, out) -> None:
   for key in ("lr", "wd", "grad_clip_norm"):
     _need(out, c[key] >= 0, f"config.{key} must be >= 0, got {c[key]}")
   _regex(out, "wd_mask", [c.wd_mask])
+  dtype = c.optax.get("accumulator_dtype")
+  _need(out, dtype in (None, *_ACCUMULATOR_DTYPES), f"config.optax.accumulator_dtype must "
+        f"be one of {', '.join(_ACCUMULATOR_DTYPES)}, got {dtype!r}")
   _pairs(out, "lr_mults", c.lr_mults, lambda m: isinstance(m, (int, float)) and m >= 0,
          "(regex, multiplier >= 0)")
   _regex(out, "frozen", [c.frozen] if isinstance(c.frozen, str) else list(c.frozen))
@@ -237,6 +243,13 @@ def _schedule(c, out) -> None:
   _need(out, s.end_factor >= 0, f"config.schedule.end_factor must be >= 0, got "
         f"{s.end_factor}")
   _need(out, s.timescale > 0, f"config.schedule.timescale must be > 0, got {s.timescale}")
+  _need(out, math.isfinite(s.warmup_start) and s.warmup_start >= 0, f"config.schedule."
+        f"warmup_start must be a finite number >= 0 (a fraction of lr), got "
+        f"{s.warmup_start}")
+  _need(out, s.steps_per_update >= 1, f"config.schedule.steps_per_update must be >= 1, "
+        f"got {s.steps_per_update}")
+  _need(out, s.update_lag >= 0, f"config.schedule.update_lag must be >= 0, got "
+        f"{s.update_lag}")
   if s.decay_type == "stair":
     b = list(s.boundaries)
     _need(out, _fractions(b), f"config.schedule.boundaries must be increasing fractions "

@@ -224,10 +224,8 @@ def swept_keys(members: Sequence[Member]) -> list[str]:
 
 def planned_steps(config) -> int | None:
   """A member's training length in steps, when its config gives it without the data."""
-  if config.total_steps is not None:
-    return int(config.total_steps)
-  if config.total_examples is not None:
-    return -(-int(config.total_examples) // int(config.input.batch_size))
+  if config.total_steps is not None or config.total_examples is not None:
+    return configs.total_steps(config, 0)  # The trainer's own rounding.
   return None
 
 

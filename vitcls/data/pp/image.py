@@ -67,6 +67,28 @@ def check_method(method: str, antialias: bool = True) -> None:
                     f"nearest, not {method!r}")
 
 
+# How a resize's float result becomes integer pixels: "nearest" rounds (PIL, torchvision);
+# "truncate" clips then casts toward zero, as big_vision's `tf.cast(tf.clip_by_value(..))`
+# after `tf.image.resize` (big_vision pp/ops_image.py:84-85, 102-103).
+ROUNDINGS = ("nearest", "truncate")
+
+
+def check_rounding(rounding: str) -> None:
+  """Raises TypeError unless `rounding` is one of `ROUNDINGS`."""
+  if rounding not in ROUNDINGS:
+    raise TypeError(f"rounding must be {' or '.join(ROUNDINGS)}, not {rounding!r}")
+
+
+def _to_dtype(out: np.ndarray, dtype, rounding: str) -> np.ndarray:
+  """float `out` as `dtype`: integers rounded or truncated (`ROUNDINGS`), clipped."""
+  if np.issubdtype(dtype, np.integer):  # In place: image-sized temporaries cost.
+    info = np.iinfo(dtype)
+    if rounding == "nearest":
+      np.round(out, out=out)
+    np.clip(out, info.min, info.max, out=out)  # Then astype truncates toward zero.
+  return out.astype(dtype, copy=False)
+
+
 def _half_pixel_taps(in_size: int, out_size: int):
   """TF's half-pixel-centre bilinear taps along one axis: (lower, upper, lerp).
 
@@ -100,7 +122,7 @@ def resize_bilinear_aliased(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def resize_image(img: np.ndarray, hw: tuple[int, int], method: str,
-                 antialias: bool = True) -> np.ndarray:
+                 antialias: bool = True, rounding: str = "nearest") -> np.ndarray:
   """Resizes an HWC array with PIL, keeping its dtype (antialias=False: see below).
 
   uint8 images with 1 or 3 channels are resized as one 8-bit PIL image, as torchvision
@@ -108,25 +130,18 @@ def resize_image(img: np.ndarray, hw: tuple[int, int], method: str,
   to 8 bits, which puts about one pixel in six one level away from resizing in float,
   at under two thirds of the cost. Other dtypes and channel counts go channel by
   channel through PIL's float32 mode. antialias=False with bilinear is TF's
-  non-antialiased kernel (`resize_bilinear_aliased`), integers rounded back.
+  non-antialiased kernel (`resize_bilinear_aliased`). Integer results are rounded, or
+  with rounding="truncate" truncated from the float result (never the 8-bit path).
   """
   if not antialias and method == "bilinear":
-    out = resize_bilinear_aliased(img, hw)
-    if np.issubdtype(img.dtype, np.integer):
-      info = np.iinfo(img.dtype)
-      np.clip(np.round(out, out=out), info.min, info.max, out=out)
-    return out.astype(img.dtype, copy=False)
-  if img.dtype == np.uint8 and img.shape[-1] in (1, 3):
+    return _to_dtype(resize_bilinear_aliased(img, hw), img.dtype, rounding)
+  if img.dtype == np.uint8 and img.shape[-1] in (1, 3) and rounding == "nearest":
     return from_pil(to_pil(img).resize((hw[1], hw[0]), resample=RESIZE_METHODS[method]))
   channels = [
       np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(
           (hw[1], hw[0]), resample=RESIZE_METHODS[method]))
       for c in range(img.shape[-1])]
-  out = np.stack(channels, axis=-1)
-  if np.issubdtype(img.dtype, np.integer):  # In place: image-sized temporaries cost.
-    info = np.iinfo(img.dtype)
-    np.clip(np.round(out, out=out), info.min, info.max, out=out)
-  return out.astype(img.dtype, copy=False)
+  return _to_dtype(np.stack(channels, axis=-1), img.dtype, rounding)
 
 
 def to_pil(img: np.ndarray) -> Image.Image:
@@ -140,25 +155,30 @@ def from_pil(img: Image.Image) -> np.ndarray:
   return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _pil_resize(method: str, antialias: bool):
-  """PIL's resize of the fused decode path, or None where PIL cannot do it (aliased)."""
-  if not antialias and method == "bilinear":
+def _pil_resize(method: str, antialias: bool, rounding: str = "nearest"):
+  """PIL's resize of the fused decode path, or None where PIL's 8-bit resize cannot do
+  it (aliased, truncated): the op then runs on arrays, after decode."""
+  if (not antialias and method == "bilinear") or rounding != "nearest":
     return None
   return lambda pil, hw: pil.resize((hw[1], hw[0]), RESIZE_METHODS[method])
 
 
 @register("resize", tf_twin="resize")
-def resize(size, width=None, key="image", method="bilinear", antialias=True) -> Op:
+def resize(size, width=None, key="image", method="bilinear", antialias=True,
+           rounding="nearest") -> Op:
   """Resizes to (size, width or size) with PIL (`method`: bilinear|nearest|bicubic|area).
 
   antialias: True (PIL, torchvision, timm, DeiT: the kernel widens when shrinking);
     False: TF's `tf.image.resize(..., antialias=False)`, big_vision's default (bilinear;
     area and nearest are the same either way; bicubic is refused).
+  rounding: how integer images get their pixels back from the float result: "nearest"
+    (PIL, torchvision) or "truncate" (big_vision's `tf.cast` after clipping).
   """
   hw = _hw(size, width)
   check_method(method, antialias)
-  pil_resize = _pil_resize(method, antialias)
-  return on_key(key, lambda img, rng: resize_image(img, hw, method, antialias),
+  check_rounding(rounding)
+  pil_resize = _pil_resize(method, antialias, rounding)
+  return on_key(key, lambda img, rng: resize_image(img, hw, method, antialias, rounding),
                 on_pil=pil_resize and (lambda pil, rng: pil_resize(pil, hw)))
 
 
@@ -173,21 +193,24 @@ def resize_small_shape(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 @register("resize_small", tf_twin="resize_small")
-def resize_small(size, key="image", method="bilinear", antialias=True) -> Op:
+def resize_small(size, key="image", method="bilinear", antialias=True,
+                 rounding="nearest") -> Op:
   """Resizes so the shorter side is `size`, keeping the aspect ratio (big_vision's op).
 
   size: the shorter side after resizing; the longer is rounded to the nearest pixel.
   method: bilinear|nearest|bicubic|area, as `resize` (big_vision defaults to area; the
     usual ImageNet eval `resize_small(256)|central_crop(224)` is bilinear in timm).
-  antialias: as `resize`.
+  antialias, rounding: as `resize`.
   """
   size = int(size)
   check_method(method, antialias)
-  pil_resize = _pil_resize(method, antialias)
+  check_rounding(rounding)
+  pil_resize = _pil_resize(method, antialias, rounding)
   def pil_op(pil, rng):
     return pil_resize(pil, resize_small_shape(pil.height, pil.width, size))
   return on_key(key, lambda img, rng: resize_image(
-      img, resize_small_shape(img.shape[0], img.shape[1], size), method, antialias),
+      img, resize_small_shape(img.shape[0], img.shape[1], size), method, antialias,
+      rounding),
                 on_pil=pil_resize and pil_op)
 
 
@@ -240,7 +263,7 @@ def _central_fallback(height: int, width: int) -> tuple[int, int, int, int]:
 
 def inception_crop_box(height: int, width: int, area_min: float, area_max: float,
                        rng: np.random.Generator) -> tuple[int, int, int, int]:
-  """(top, left, h, w) of a random resized crop; see `inception_crop` for the sampling."""
+  """(top, left, h, w) of a random resized crop, torchvision's way (see `inception_crop`)."""
   log_lo, log_hi = math.log(INCEPTION_ASPECT[0]), math.log(INCEPTION_ASPECT[1])
   for _ in range(CROP_TRIES):
     area = height * width * rng.uniform(area_min, area_max) / 100
@@ -251,37 +274,127 @@ def inception_crop_box(height: int, width: int, area_min: float, area_max: float
   return _central_fallback(height, width)
 
 
+# TF's sample_distorted_bounding_box defaults, which big_vision keeps (its ratio_min,
+# ratio_max are 0.75, 1.33: pp/ops_image.py:200): 1.33, not 4/3.
+TF_ASPECT = (0.75, 1.33)
+TF_CROP_TRIES = 100
+
+
+def _lrint(x: np.float32) -> int:
+  """C's lrintf in the default rounding mode: to nearest, ties to even."""
+  return int(np.rint(x))
+
+
+def _tf_box_try(height: int, width: int, area_lo: np.float32, area_hi: np.float32,
+                aspect: np.float32, rng: np.random.Generator):
+  """One attempt of TF's GenerateRandomCrop: (top, left, h, w), or None if it fails.
+
+  The float32 arithmetic of tensorflow/core/kernels/image/
+  sample_distorted_bounding_box_op.cc (GenerateRandomCrop): the height, not the area,
+  is uniform (an integer between the heights of the smallest and the largest area at
+  this aspect, clamped to fit), the width is round(height * aspect), one step up or
+  down mends a rounding that left the area range, and the offset is drawn from
+  [0, side - crop) (TF's Uniform(n) excludes n: a crop never touches the bottom or right
+  edge unless it spans the image).
+  """
+  f32 = np.float32
+  min_area = area_lo * f32(width) * f32(height)
+  max_area = area_hi * f32(width) * f32(height)
+  h = _lrint(np.sqrt(min_area / aspect))
+  max_h = _lrint(np.sqrt(max_area / aspect))
+  if _lrint(f32(max_h) * aspect) > width:  # The largest height whose width fits.
+    max_h = int((width + 0.5 - float(f32(1e-7))) / float(aspect))  # double, as in C++.
+    if _lrint(f32(max_h) * aspect) > width:
+      max_h -= 1
+  max_h = min(max_h, height)
+  h = min(h, max_h)
+  if h < max_h:
+    h += int(rng.integers(0, max_h - h + 1))
+  w = _lrint(f32(h) * aspect)
+  area = f32(w * h)
+  if area < min_area:
+    h += 1
+    w = _lrint(f32(h) * aspect)
+    area = f32(w * h)
+  if area > max_area:
+    h -= 1
+    w = _lrint(f32(h) * aspect)
+    area = f32(w * h)
+  if area < min_area or area > max_area or not (0 < w <= width and 0 < h <= height):
+    return None
+  top = int(rng.integers(0, height - h)) if h < height else 0
+  left = int(rng.integers(0, width - w)) if w < width else 0
+  return top, left, h, w
+
+
+def tf_crop_box(height: int, width: int, area_min: float, area_max: float,
+                rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """(top, left, h, w) as big_vision's `inception_crop` samples it (sampling="tf").
+
+  TF's `sample_distorted_bounding_box` with no boxes, min_object_covered=0 and
+  use_image_if_no_bounding_boxes=True (big_vision pp/ops_image.py:180-185, 223-229):
+  up to 100 attempts, each with an aspect (width / height) uniform in [0.75, 1.33] in
+  float32, then `_tf_box_try`; the whole image when none fits. The draws are this rng's,
+  not TF's Philox, so the boxes follow TF's distribution, not its sequence.
+  """
+  f32 = np.float32
+  area_lo, area_hi = f32(area_min / 100), f32(area_max / 100)  # TF's float attrs.
+  lo, hi = f32(TF_ASPECT[0]), f32(TF_ASPECT[1])
+  for _ in range(TF_CROP_TRIES):
+    aspect = rng.random(dtype=np.float32) * (hi - lo) + lo  # RandFloat() in [0, 1).
+    box = _tf_box_try(height, width, area_lo, area_hi, aspect, rng)
+    if box is not None:
+      return box
+  return 0, 0, height, width
+
+
+# inception_crop's box samplers, by name.
+CROP_SAMPLINGS = {"torchvision": inception_crop_box, "tf": tf_crop_box}
+
+
 @register("inception_crop", random=True)
 def inception_crop(size=None, area_min=5, area_max=100, key="image",
-                   method="bilinear", antialias=True) -> Op:
+                   method="bilinear", antialias=True, sampling="torchvision",
+                   rounding="nearest") -> Op:
   """Random resized crop ("Inception crop"), the ImageNet training crop.
 
   size: when given, the crop is resized to (size, size) with `method` (as `resize`).
-  area_min, area_max: the crop's area is uniform in [area_min, area_max] percent of the
-    image (big_vision's units; timm/torchvision's scale=(0.08, 1) is area_min=8).
-  The aspect ratio (width / height) is log-uniform in [3/4, 4/3], and the sides are
-  rounded to pixels, as torchvision's RandomResizedCrop; a box that does not fit is
-  redrawn, up to 10 tries, then the largest central crop with an aspect in [3/4, 4/3]
-  is taken (the whole image when its own aspect is in range). big_vision's op uses TF's
-  sample_distorted_bounding_box, which samples a little differently (a uniform aspect,
-  a uniform side rather than area, 100 tries, the whole image as fallback); the
-  log-uniform aspect treats tall and wide crops alike.
-  antialias: as `resize` (torchvision's RandomResizedCrop, which DeiT uses, resizes with
-    PIL: antialiased; big_vision's op does not antialias).
+  area_min, area_max: the crop's area bounds in percent of the image (big_vision's
+    units; timm/torchvision's scale=(0.08, 1) is area_min=8).
+  sampling: how the box is drawn.
+    "torchvision" (RandomResizedCrop, which DeiT uses): the area uniform in
+    [area_min, area_max] percent, the aspect ratio (width / height) log-uniform in
+    [3/4, 4/3], the sides rounded to pixels; a box that does not fit is redrawn, up to
+    10 tries, then the largest central crop with an aspect in [3/4, 4/3] is taken (the
+    whole image when its own aspect is in range). The log-uniform aspect treats tall
+    and wide crops alike.
+    "tf" (big_vision's op: TF's sample_distorted_bounding_box, see `tf_crop_box`): the
+    aspect uniform in [0.75, 1.33], then the height uniform over the integers giving
+    an area in range (so the area is not uniform: its square root nearly is), 100
+    tries, the whole image when none fits.
+  antialias: as `resize` (torchvision's RandomResizedCrop resizes with PIL:
+    antialiased; big_vision's op does not antialias).
+  rounding: as `resize` (big_vision truncates).
+  big_vision's `decode_jpeg_and_inception_crop(224)` and `inception_crop(224)` are
+  `inception_crop(224, sampling='tf', antialias=False, rounding='truncate')`.
   """
   if not 0 < area_min <= area_max <= 100:
     raise TypeError(f"need 0 < area_min <= area_max <= 100 (percent), got {area_min}, "
                     f"{area_max}")
+  if sampling not in CROP_SAMPLINGS:
+    *first, last = CROP_SAMPLINGS
+    raise TypeError(f"sampling must be {', '.join(first)} or {last}, not {sampling!r}")
+  box = CROP_SAMPLINGS[sampling]
   hw = None if size is None else _hw(size)
   check_method(method, antialias)
-  pil_resize = _pil_resize(method, antialias)
+  check_rounding(rounding)
+  pil_resize = _pil_resize(method, antialias, rounding)
   def crop(img, rng):
-    top, left, h, w = inception_crop_box(img.shape[0], img.shape[1], area_min, area_max,
-                                         rng)
+    top, left, h, w = box(img.shape[0], img.shape[1], area_min, area_max, rng)
     out = img[top:top + h, left:left + w]
-    return out if hw is None else resize_image(out, hw, method, antialias)
+    return out if hw is None else resize_image(out, hw, method, antialias, rounding)
   def pil_op(pil, rng):
-    top, left, h, w = inception_crop_box(pil.height, pil.width, area_min, area_max, rng)
+    top, left, h, w = box(pil.height, pil.width, area_min, area_max, rng)
     out = pil.crop((left, top, left + w, top + h))  # Not resize(box=): that reads
     # pixels around the box too.
     return out if hw is None else pil_resize(out, hw)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from vitcls.data.pp.decode import DECODE_MODES
-from vitcls.data.pp.image import check_method, normalize_constants
+from vitcls.data.pp.image import check_method, check_rounding, normalize_constants
 
 ImageOp = Callable[[Any], Any]  # tf.Tensor [batch, h, w, c] -> tf.Tensor [batch, h', w', c'].
 
@@ -21,16 +21,19 @@ def _on_image(key: str, op: ImageOp) -> Optional[ImageOp]:
   return op if key == "image" else None
 
 
-def cast_like(images, dtype):
-  """float32 images -> `dtype`, rounding and clipping to its range when it is an integer."""
+def cast_like(images, dtype, rounding="nearest"):
+  """float32 images -> `dtype`, rounded (or truncated, the host op's `rounding`) and
+  clipped to its range when it is an integer."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if dtype.is_integer:
-    images = tf.clip_by_value(tf.round(images), dtype.min, dtype.max)
-  return tf.cast(images, dtype)
+    if rounding == "nearest":
+      images = tf.round(images)
+    images = tf.clip_by_value(images, dtype.min, dtype.max)
+  return tf.cast(images, dtype)  # tf.cast truncates what was not rounded.
 
 
 def resize(size, width=None, key="image", method="bilinear",
-           antialias=True) -> Optional[ImageOp]:
+           antialias=True, rounding="nearest") -> Optional[ImageOp]:
   """tf.image.resize with the host op's `antialias`, keeping the dtype as the host does.
 
   The host resizes with PIL, TF with its own kernels: with antialias=True they agree to a
@@ -42,11 +45,12 @@ def resize(size, width=None, key="image", method="bilinear",
   """
   hw = (int(size), int(size if width is None else width))
   check_method(method, antialias)
+  check_rounding(rounding)
   def op(images):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     out = tf.image.resize(tf.cast(images, tf.float32), hw, method=method,
                           antialias=antialias)
-    return cast_like(out, images.dtype)
+    return cast_like(out, images.dtype, rounding)
   return _on_image(key, op)
 
 
@@ -80,7 +84,7 @@ def value_range(vmin=-1.0, vmax=1.0, in_min=0.0, in_max=255.0,
 
 
 def resize_small(size, key="image", method="bilinear",
-                 antialias=True) -> Optional[ImageOp]:
+                 antialias=True, rounding="nearest") -> Optional[ImageOp]:
   """Shorter side to `size` as the host's resize_small, then `resize`'s TF resize.
 
   The shape is the host's (`image.resize_small_shape`: the same float64 arithmetic and
@@ -88,13 +92,14 @@ def resize_small(size, key="image", method="bilinear",
   """
   size = int(size)
   check_method(method, antialias)
+  check_rounding(rounding)
   def op(images):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     hw = tf.cast(tf.shape(images)[1:3], tf.float64)
     new_hw = tf.cast(tf.round(hw * size / tf.reduce_min(hw)), tf.int32)
     out = tf.image.resize(tf.cast(images, tf.float32), new_hw, method=method,
                           antialias=antialias)
-    return cast_like(out, images.dtype)
+    return cast_like(out, images.dtype, rounding)
   return _on_image(key, op)
 
 
