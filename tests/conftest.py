@@ -87,3 +87,14 @@ def write_sweep_experiment(tmp_path, sweep_source):
       "  return c\n\n"
       f"def get_sweep(arg=None):\n  return {sweep_source}\n")
   return str(path)
+
+
+def train_runlocal_mnist(tmp_path_factory) -> str:
+  """A runlocal mnist5k ViT (28 px, patch 7) trained in this process for 6 steps, with its
+  report: the workdir a test module shares (tests copy it before changing it)."""
+  from vitcls import configs, train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("mnist"))
+  config = configs.resolve(configs.load_experiment(DEFAULT_EXPERIMENT + ":runlocal=True"),
+                           ["evals.test.every=100"])
+  train.train(config, workdir)
+  return workdir

@@ -11,6 +11,7 @@ import re
 import resource
 import shutil
 import subprocess
+import sys
 import time
 
 import jax
@@ -42,12 +43,23 @@ def test_checksums_agree_on_device_and_host_and_match_a_direct_computation():
 
 
 def test_checksums_of_a_sharded_state_equal_the_host_ones():
-  devices = np.array(jax.devices()[:1] * 1)
-  mesh = jax.sharding.Mesh(devices, ("data",))
-  x = np.arange(64, dtype=np.float32).reshape(8, 8)
-  sharded = jax.device_put(x, jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec("data")))
-  assert checksums.of_state({"x": sharded}) == checksums.of_arrays({"x": x})
+  """Arrays split over 4 devices (rows, columns, both) sum as the host's whole copy."""
+  code = """
+import numpy as np, jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from vitcls.run import checksums
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("a", "b"))
+x = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+for spec in (P("a"), P(None, "b"), P("a", "b")):
+  sharded = jax.device_put(x, NamedSharding(mesh, spec))
+  assert len(sharded.addressable_shards) == 4
+  assert checksums.of_state({"x": sharded}) == checksums.of_arrays({"x": x}), spec
+print("ok")
+"""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 def test_every_single_bit_flip_changes_the_checksum():

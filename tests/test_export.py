@@ -13,20 +13,15 @@ from vitcls import configs, export, train
 from vitcls.run import build, checkpoint
 from vitcls.errors import UserError
 from vitcls.models import loading
-from conftest import REPO
+from conftest import REPO, train_runlocal_mnist
 
 FINETUNE = os.path.join(REPO, "experiments", "finetune.py")
-MNIST = os.path.join(REPO, "experiments", "mnist5k_vit.py")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A runlocal mnist5k ViT (28 px, patch 7: a 4x4 grid), trained for 6 steps."""
-  workdir = str(tmp_path_factory.mktemp("mnist"))
-  config = configs.resolve(configs.load_experiment(MNIST + ":runlocal=True"),
-                           ["evals.test.every=100"])
-  train.train(config, workdir)
-  return workdir
+  return train_runlocal_mnist(tmp_path_factory)
 
 
 def _leaves(tree):

@@ -9,22 +9,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vitcls import configs, evaluate, export, predict, train
+from vitcls import evaluate, export, predict
 from vitcls.errors import UserError
 from vitcls.run import workdir as wdir
-from conftest import REPO
+from conftest import train_runlocal_mnist
 
-MNIST = os.path.join(REPO, "experiments", "mnist5k_vit.py")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A runlocal mnist5k ViT trained for 6 steps, with its report; tests copy it to change it."""
-  workdir = str(tmp_path_factory.mktemp("mnist"))
-  config = configs.resolve(configs.load_experiment(MNIST + ":runlocal=True"),
-                           ["evals.test.every=100"])
-  train.train(config, workdir)
-  return workdir
+  return train_runlocal_mnist(tmp_path_factory)
 
 
 @pytest.fixture
