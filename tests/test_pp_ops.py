@@ -175,12 +175,14 @@ def test_tf_sampling_falls_back_to_the_whole_image(h, w, area_min):
 def test_tf_sampling_matches_tensorflows_distribution():
   """TF's own sampler on a small image: the same boxes with the same frequencies."""
   tf = pytest.importorskip("tensorflow")
+  # Both seeds fixed here: TF's draws do not depend on the random ops other tests ran
+  # before in this process (the global seed alone left them to an op counter).
   tf.random.set_seed(0)
   n, shape = 2000, (9, 13)
   theirs = []
   for _ in range(n):
     begin, size, _ = tf.image.sample_distorted_bounding_box(
-        shape + (3,), tf.zeros([0, 0, 4]), area_range=(0.3, 1.0),
+        shape + (3,), tf.zeros([0, 0, 4]), area_range=(0.3, 1.0), seed=7,
         min_object_covered=0, use_image_if_no_bounding_boxes=True)
     theirs.append((*begin.numpy()[:2], *size.numpy()[:2]))
   ours = _tf_boxes(n, *shape, 30)
