@@ -85,18 +85,82 @@ def write_npz(path: str, tree: Mapping) -> None:
     np.savez(f, **flat)
 
 
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def _is_torch_pickle(path: str) -> bool:
+  """A PyTorch `torch.save` file: a zip holding `*/data.pkl`, or a bare pickle stream."""
+  if path.endswith(TORCH_SUFFIXES):
+    return True
+  with open(path, "rb") as f:
+    head = f.read(2)
+  if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+    return True  # A pickle protocol 2-5 header: torch's legacy format.
+  if not zipfile.is_zipfile(path):
+    return False
+  try:
+    with zipfile.ZipFile(path) as z:
+      return any(n.endswith("data.pkl") for n in z.namelist())
+  except (zipfile.BadZipFile, OSError):
+    return False
+
+
+def refuse_torch_pickle(path: str) -> None:
+  """One line telling how to turn a PyTorch pickle into safetensors; never unpickles it."""
+  if os.path.isfile(path) and _is_torch_pickle(path):
+    out = os.path.splitext(path)[0] + ".safetensors"
+    raise CheckpointError(
+        f"checkpoint '{path}' is a PyTorch pickle, which vitcls never unpickles (loading it "
+        f"can run code): convert it to safetensors where torch is installed, e.g. python -c "
+        f"\"import torch, safetensors.torch as st; sd = torch.load('{path}', "
+        f"map_location='cpu', weights_only=True); sd = sd.get('model', sd); "
+        f"st.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\", then pass "
+        f"the .safetensors file")
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """All tensors of a `.safetensors` file by their (dotted, PyTorch-style) names.
+
+  Read with the `safetensors` NumPy reader: no torch, no pickle. bfloat16 tensors come as
+  `ml_dtypes.bfloat16` arrays.
+  """
+  from safetensors import SafetensorError  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise CheckpointError(f"checkpoint file '{path}' does not exist: pass the path of a "
+                          f".safetensors file")
+  try:
+    return {k: np.asarray(v) for k, v in load_file(path).items()}
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"checkpoint '{path}' is not a complete .safetensors file "
+                          f"({str(e).splitlines()[0]}): download or convert it again") from None
+
+
+def is_torch_layout(tree: Mapping) -> bool:
+  """True for the flat, dotted names of a timm / Hugging Face state dict
+  (`blocks.0.attn.qkv.weight`), False for the `/`-nested trees of JAX checkpoints."""
+  return bool(tree) and all(isinstance(v, np.ndarray) and "." in k for k, v in tree.items())
+
+
 def read_params(checkpoint) -> dict:
-  """Parameters from a params tree (copied: callers may edit the result) or an `.npz` file.
+  """Parameters from a params tree (copied: callers may edit the result), an `.npz` file
+  or a `.safetensors` file.
 
   An npz holding a whole training state (`params/...`, `opt/target/...`) gives its
-  parameters; an npz of bare parameters is returned as it is. A vitcls workdir is read by
-  its caller (`vitcls.run.checkpoint.load_params`), which passes the tree.
+  parameters; an npz of bare parameters is returned as it is. A `.safetensors` file
+  (timm / Hugging Face) is returned flat, under its dotted PyTorch names, for the model's
+  `load` to convert (`is_torch_layout`). A PyTorch pickle is refused with how to convert
+  it. A vitcls workdir is read by its caller (`vitcls.run.checkpoint.load_params`), which
+  passes the tree.
   """
   if isinstance(checkpoint, Mapping):
     return unflatten(flatten(checkpoint))
   if os.path.isdir(checkpoint):
     raise CheckpointError(f"checkpoint '{checkpoint}' is a folder: pass an .npz file, or "
                           f"the params of a vitcls workdir (vitcls.run.checkpoint.load_params)")
+  refuse_torch_pickle(checkpoint)
+  if str(checkpoint).endswith(".safetensors"):
+    return read_safetensors(checkpoint)
   tree = unflatten(read_npz(checkpoint))
   if isinstance(tree.get("params"), dict):
     return tree["params"]

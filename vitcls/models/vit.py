@@ -500,3 +500,38 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
     restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
                                                 np.shape(init_params["pos_embedding"])[1])
   return loading.merge(restored, init_params, dont_load, fresh=fresh, source=f"'{what}'")
+
+
+def layer_ids(params) -> tuple[dict, int]:
+  """Each parameter's layer for layer-wise lr decay (`config.layer_decay`), and the top L.
+
+  BEiT's numbering (`get_num_layer_for_vit` in its fine-tuning code), which DeiT-III and
+  DINOv2 fine-tuning reuse: the patch embedding, position embedding, cls and register
+  tokens are layer 0, block i is layer i+1, everything after the blocks (final norm, MAP
+  head, pre_logits, head) is layer L = depth+1, so the optimiser's factor
+  `layer_decay ** (L - id)` is 1 at the head. Stacked (`scan`) blocks get an int array of
+  shape (depth,): one layer per slice along their leading axis.
+  """
+  encoder = params.get("Transformer", {})
+  if "encoderblock" in encoder:
+    depth = len(jax.tree_util.tree_leaves(encoder["encoderblock"])[0])
+  else:
+    depth = sum(1 for k in encoder if k.startswith("encoderblock_"))
+  top = depth + 1
+
+  def block_id(name):
+    if name == "encoderblock":
+      return np.arange(1, depth + 1)
+    if name.startswith("encoderblock_"):
+      return int(name[len("encoderblock_"):]) + 1
+    return top  # encoder_norm.
+
+  ids = {}
+  for name, sub in params.items():
+    if name == "Transformer":
+      ids[name] = {k: jax.tree_util.tree_map(lambda _, i=block_id(k): i, v)
+                   for k, v in sub.items()}
+    else:
+      layer = 0 if name in ("embedding", "pos_embedding", "cls", "reg") else top
+      ids[name] = jax.tree_util.tree_map(lambda _, i=layer: i, sub)
+  return ids, top
