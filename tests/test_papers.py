@@ -163,3 +163,41 @@ def test_paper_arguments_are_checked():
     _config("augreg_transfer.py", "dataset=svhn")
   with pytest.raises(configs.ConfigError, match=r"config.expected\['val/top1'\] must be a"):
     configs.resolve(configs.ConfigDict({"expected": {"val/top1": "high"}}))
+
+
+def test_mixer_big_vision_config():
+  """big_vision configs/mlp_mixer_i1k.py (Tolstikhin et al. 2021, Mixer-B/16 on i1k)."""
+  c = _config("mixer_b16_i1k.py")
+  assert c.model_name == "mixer" and c.model.variant == "B/16" and c.model.stoch_depth == 0.1
+  assert c.loss == "sigmoid_xent" and c.init_head_bias == -6.9
+  assert c.total_epochs == 300 and c.input.batch_size == 4096
+  assert c.input.data.split == "train[:99%]"
+  assert c.input.pp.startswith(f"decode|inception_crop(224,{TF_CROP})|flip_lr|randaug(2,15)|")
+  assert c.optax_name == "adamw" and (c.optax.b1, c.optax.b2) == (0.9, 0.999)
+  assert c.lr == 1e-3 and c.wd == 1e-4 and c.wd_mode == "times_schedule"
+  assert c.grad_clip_norm == 1.0 and (c.mixup.alpha, c.mixup.p) == (0.0, 0.5)
+  total = 92_898  # About 300 epochs of 99% of 1,281,167 images in batches of 4096.
+  assert _lr_at(c, 5_000, total) == pytest.approx(0.5e-3)  # Linear warm-up from 0.
+  assert _lr_at(c, total, total) == pytest.approx(1e-3 * 1e-5)  # big_vision's linear_end.
+  assert _lr_at(c, (10_000 + total) // 2, total) == pytest.approx(1e-3 * (1 + 1e-5) / 2,
+                                                                  rel=1e-4)
+  assert dict(c.expected) == {"val/top1": 0.763}
+  assert dict(_config("mixer_b16_i1k.py", "epochs=60").expected) == {"val/top1": 0.705}
+  assert _num_params(c) == 59_880_472  # Mixer-B/16: timm's mixer_b16_224, 59.88M.
+
+
+def test_init_head_bias_fills_the_fresh_head_only():
+  """big_vision's `init_head_bias`: the fresh head's bias, kernel untouched; imported
+  params keep it where the head is not loaded."""
+  from vitcls import state
+  c = _config("mixer_b16_i1k.py", "runlocal=True")
+  model = models.build(c.model_name, c.num_classes, c.model)
+  init = state.make_init_fn(model, optim.make_optimizer(c, 4)[0], (32, 32, 3), 0,
+                            head_bias=-6.9)
+  params = jax.jit(init)().params
+  np.testing.assert_array_equal(params["head"]["bias"], np.full(10, -6.9, np.float32))
+  np.testing.assert_array_equal(params["head"]["kernel"], 0.0)  # Zero-init head.
+  plain = jax.jit(state.make_init_fn(model, optim.make_optimizer(c, 4)[0], (32, 32, 3),
+                                     0))().params
+  np.testing.assert_array_equal(plain["head"]["bias"], 0.0)
+  np.testing.assert_array_equal(params["stem"]["kernel"], plain["stem"]["kernel"])

@@ -97,6 +97,9 @@ def defaults() -> ConfigDict:
   c.wd_mode = "times_lr"
   c.grad_clip_norm = 1.0  # Global-norm clipping; 0 disables it.
   c.label_smoothing = 0.0
+  # The head's bias at init (big_vision's `init_head_bias`: -6.9 = log(1/1000) starts a
+  # sigmoid_xent run near each class's prior); 0 leaves the model's init.
+  c.init_head_bias = 0.0
   c.loss = "softmax_xent"  # softmax_xent | sigmoid_xent (multi-label).
   c.class_weights = None  # None | "balanced" (n / (k * n_c) from the train split) | list.
   c.lr_mults = []  # [(regex, multiplier)]: per-parameter lr factors, first match wins.

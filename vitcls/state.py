@@ -25,12 +25,14 @@ class TrainState:
 
 
 def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False,
-                 count_skips: bool = False):
+                 count_skips: bool = False, head_bias: float = 0.0):
   """Returns init(params=None) -> TrainState, pure, to be jitted with the state's shardings.
 
   With `params` (e.g. imported from a checkpoint) the state starts from them; without,
   from the model's own init. The keys are split the same way either way, so a run's
-  training randomness does not depend on where its parameters came from.
+  training randomness does not depend on where its parameters came from. `head_bias`
+  (config.init_head_bias) fills the fresh `head/bias`; a checkpoint's import keeps it
+  where the head is not loaded (`dont_load`, another class count).
   """
   def init(params=None):
     root = jax.random.PRNGKey(seed)
@@ -38,6 +40,9 @@ def make_init_fn(model, tx, image_shape, seed: int, ema: bool = False,
     if params is None:
       dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
       params = model.init({"params": init_key}, dummy, train=False)["params"]
+      if head_bias and "bias" in params.get("head", {}):
+        params = dict(params, head=dict(params["head"], bias=jax.numpy.full_like(
+            params["head"]["bias"], head_bias)))
     return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
                       opt_state=tx.init(params), rng=train_key,
                       ema=jax.tree_util.tree_map(jax.numpy.copy, params) if ema else None,

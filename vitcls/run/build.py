@@ -186,7 +186,8 @@ def state_and_step(config, mesh, model, image_shape, total_steps: int):
   tx, schedule = optim.make_optimizer(config, total_steps)
   init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
                                ema=bool(config.ema_decay),
-                               count_skips=config.skip_nonfinite_updates)
+                               count_skips=config.skip_nonfinite_updates,
+                               head_bias=config.init_head_bias)
   abstract = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
   abstract = jax.tree_util.tree_map(
