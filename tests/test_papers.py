@@ -201,3 +201,27 @@ def test_init_head_bias_fills_the_fresh_head_only():
                                      0))().params
   np.testing.assert_array_equal(plain["head"]["bias"], 0.0)
   np.testing.assert_array_equal(params["stem"]["kernel"], plain["stem"]["kernel"])
+
+
+def test_convnext_paper_recipe():
+  """Liu et al. 2022, ImageNet-1K settings table and the official main.py defaults."""
+  c = _config("convnext_t_i1k.py")
+  assert c.model_name == "convnext" and c.model.variant == "T"
+  assert (c.model.stoch_depth, c.model.layer_scale_init) == (0.1, 1e-6)
+  assert [_config("convnext_t_i1k.py", f"variant={v}").model.stoch_depth
+          for v in "SBL"] == [0.4, 0.5, 0.5]
+  assert c.input.batch_size == 4096 and c.lr == 4e-3
+  assert _config("convnext_t_i1k.py", "batch=1024").lr == pytest.approx(1e-3)
+  assert c.optax_name == "adamw" and (c.optax.b1, c.optax.b2, c.optax.eps) == (0.9, 0.999,
+                                                                                1e-8)
+  assert c.wd == 0.05 and c.wd_mode == "times_lr" and c.grad_clip_norm == 0.0
+  assert c.total_steps == 300 * 312 and c.schedule.warmup_steps == 20 * 312
+  assert _lr_at(c, 3120, c.total_steps) == pytest.approx(2e-3)
+  assert _lr_at(c, c.total_steps, c.total_steps) == pytest.approx(1e-6)  # min_lr.
+  assert c.label_smoothing == 0.1 and c.mixup.alpha == 0.8 and c.cutmix.alpha == 1.0
+  assert c.mix_switch_prob == 0.5 and c.ema_decay == 0.9999
+  assert "randaug_timm('rand-m9-mstd0.5-inc1'" in c.input.pp
+  assert "random_erasing(0.25)" in c.input.pp
+  assert c.evals.val.pp.startswith("decode|resize_small(256,method='bicubic')|central_crop(224)")
+  assert dict(c.expected) == {"val_ema/top1": 0.821}
+  assert _num_params(c) == 28_589_128  # timm's convnext_tiny: 28.59M.

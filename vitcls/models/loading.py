@@ -139,7 +139,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 def is_torch_layout(tree: Mapping) -> bool:
   """True for the flat, dotted names of a timm / Hugging Face state dict
   (`blocks.0.attn.qkv.weight`), False for the `/`-nested trees of JAX checkpoints."""
-  return bool(tree) and all(isinstance(v, np.ndarray) and "." in k for k, v in tree.items())
+  return (bool(tree) and all(isinstance(v, np.ndarray) for v in tree.values())
+          and any("." in k for k in tree))  # timm's `cls_token`, `pos_embed` have no dot.
 
 
 def read_params(checkpoint) -> dict:
