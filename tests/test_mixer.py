@@ -7,9 +7,12 @@ before they went through a file.
 
 import math
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+import scipy.special
 
 from vitcls import configs, models, validate
 from vitcls.models import loading, mixer
@@ -227,7 +230,7 @@ def test_config_fields_are_checked_by_their_rules():
   assert models.field_rules("mixer") == mixer.FIELD_RULES
   assert models.fields("mixer") == {
       "variant", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim",
-      "patch_size", "stoch_depth", "dtype", "head_zeroinit"}
+      "patch_size", "stoch_depth", "dtype", "head_zeroinit", "gelu_approximate"}
   assert _problems(variant="B/16", stoch_depth=0.1) == []
   for bad, fragment in [
       (dict(variant="X/16"), "config.model.variant must be 'NAME/PATCH' with NAME one of "
@@ -249,3 +252,132 @@ def test_config_fields_are_checked_by_their_rules():
     models.build("mixer", 10, dict(hidden_dim=8))
   with pytest.raises(configs.ConfigError, match="unknown dtype"):
     models.build("mixer", 10, dict(variant="S/16", dtype="float13"))
+  with pytest.raises(configs.ConfigError, match="gelu_approximate must be true or false"):
+    models.build("mixer", 10, dict(variant="S/16", gelu_approximate="no"))
+
+
+# timm's results CSVs (results/benchmark-infer-amp-nchw-pt240-cu124-rtx3090.csv at
+# pytorch-image-models main): param_count in millions, 2 decimals, 1000 classes, 224 px.
+TIMM_PARAM_COUNTS = {"S/32": 19.10, "S/16": 18.53, "B/32": 60.29, "B/16": 59.88,
+                     "L/32": 206.94, "L/16": 208.20}
+
+
+@pytest.mark.parametrize("variant", list(TIMM_PARAM_COUNTS))
+def test_parameter_counts_are_timms(variant):
+  """timm's mixer_{s,b,l}{16,32}_224 are these networks: the same parameter counts."""
+  assert round(_count(variant, 1000) / 1e6, 2) == TIMM_PARAM_COUNTS[variant]
+
+
+def _timm_state_dict(hidden=8, blocks=2, tokens=16, tokens_mlp=6, channels_mlp=12, patch=4,
+                     classes=5, seed=0):
+  """A timm `MlpMixer` state dict of known random values: names and PyTorch shapes as
+  timm's mlp_mixer.py makes them (PatchEmbed `stem.proj` conv (out, in, kh, kw), Linear
+  weights (out, in), LayerNorm `weight`/`bias`)."""
+  shapes = {"stem.proj.weight": (hidden, 3, patch, patch), "stem.proj.bias": (hidden,)}
+  for i in range(blocks):
+    for norm in ("norm1", "norm2"):
+      shapes[f"blocks.{i}.{norm}.weight"] = shapes[f"blocks.{i}.{norm}.bias"] = (hidden,)
+    for mlp, dim, inner in (("mlp_tokens", tokens, tokens_mlp),
+                            ("mlp_channels", hidden, channels_mlp)):
+      shapes[f"blocks.{i}.{mlp}.fc1.weight"] = (inner, dim)
+      shapes[f"blocks.{i}.{mlp}.fc1.bias"] = (inner,)
+      shapes[f"blocks.{i}.{mlp}.fc2.weight"] = (dim, inner)
+      shapes[f"blocks.{i}.{mlp}.fc2.bias"] = (dim,)
+  shapes.update({"norm.weight": (hidden,), "norm.bias": (hidden,),
+                 "head.weight": (classes, hidden), "head.bias": (classes,)})
+  rng = np.random.default_rng(seed)
+  return {name: (rng.normal(size=shape) * 0.3
+                 + (1.0 if "norm" in name and name.endswith("weight") else 0.0)
+                 ).astype(np.float32) for name, shape in shapes.items()}
+
+
+def _torch_mixer(sd, images, patch, blocks):
+  """timm's MlpMixer.forward in NumPy (float64), on PyTorch's layouts: NCHW images, a
+  stride-`patch` conv, Linear x @ W.T + b, LayerNorm eps 1e-6, exact (erf) GELU."""
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  x = np.asarray(images, np.float64).transpose(0, 3, 1, 2)
+  n, c, h, w = x.shape
+  gh, gw = h // patch, w // patch
+  patches = x[:, :, :gh * patch, :gw * patch].reshape(n, c, gh, patch, gw, patch)
+  patches = patches.transpose(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, c * patch * patch)
+  weight = sd["stem.proj.weight"]
+  x = patches @ weight.reshape(weight.shape[0], -1).T + sd["stem.proj.bias"]
+
+  def linear(y, name):
+    return y @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+
+  def norm(y, name):
+    mean = y.mean(-1, keepdims=True)
+    var = ((y - mean) ** 2).mean(-1, keepdims=True)
+    return (y - mean) / np.sqrt(var + 1e-6) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+  def mlp(y, name):
+    hidden = linear(y, f"{name}.fc1")
+    return linear(0.5 * hidden * (1 + scipy.special.erf(hidden / np.sqrt(2))), f"{name}.fc2")
+
+  for i in range(blocks):
+    b = f"blocks.{i}"
+    x = x + mlp(norm(x, f"{b}.norm1").transpose(0, 2, 1), f"{b}.mlp_tokens").transpose(0, 2, 1)
+    x = x + mlp(norm(x, f"{b}.norm2"), f"{b}.mlp_channels")
+  return linear(norm(x, "norm").mean(1), "head")
+
+
+def test_timm_safetensors_give_timms_logits(tmp_path, monkeypatch):
+  sd = _timm_state_dict()
+  path = str(tmp_path / "mixer_tiny.safetensors")
+  save_file(sd, path)
+  exact = dict(TINY, gelu_approximate=False)
+  model = mixer.Model(num_classes=5, **exact)
+  init = jax.device_get(model.init(jax.random.key(0), _images())["params"])
+  loaded = models.load("mixer", init, path, exact)
+  logits = model.apply({"params": loaded}, _images())[0]
+  np.testing.assert_allclose(np.asarray(logits), _torch_mixer(sd, _images(), 4, 2),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(loaded["stem"]["kernel"],
+                                sd["stem.proj.weight"].transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+      loaded["MixerBlock_1"]["token_mixing"]["Dense_0"]["kernel"],
+      sd["blocks.1.mlp_tokens.fc1.weight"].T)
+  # The default tanh GELU differs (the timm file says nothing of it): a warning, not an error.
+  warnings = []
+  monkeypatch.setattr(absl_logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  approx = mixer.Model(num_classes=5, **TINY)
+  loaded_approx = mixer.load(init, path, dict(TINY))
+  assert any("gelu_approximate=False" in w for w in warnings), warnings
+  diff = np.abs(approx.apply({"params": loaded_approx}, _images())[0] - logits).max()
+  assert 0 < diff < 0.05
+  # Another class count: the head keeps its fresh init, the rest is loaded.
+  other = mixer.Model(num_classes=3, **exact)
+  init3 = jax.device_get(other.init(jax.random.key(9), _images())["params"])
+  loaded = mixer.load(init3, path, exact)
+  np.testing.assert_array_equal(loaded["head"]["kernel"], init3["head"]["kernel"])
+  np.testing.assert_array_equal(loaded["pre_head_layer_norm"]["scale"], sd["norm.weight"])
+
+
+def test_other_timm_networks_and_sizes_are_refused_in_one_line(tmp_path):
+  init = jax.device_get(mixer.Model(num_classes=5, **TINY).init(
+      jax.random.key(0), _images())["params"])
+  resmlp = dict(_timm_state_dict(), **{"blocks.0.linear_tokens.weight": np.ones((16, 16),
+                                                                               np.float32)})
+  save_file(resmlp, str(tmp_path / "resmlp.safetensors"))
+  with pytest.raises(loading.CheckpointError, match="'blocks.0.linear_tokens.weight', which "
+                     "timm's MlpMixer") as e:
+    mixer.load(init, str(tmp_path / "resmlp.safetensors"), {})
+  assert "\n" not in str(e.value)
+  save_file(_timm_state_dict(patch=2, tokens=64), str(tmp_path / "p2.safetensors"))
+  with pytest.raises(loading.CheckpointError, match="2x2 patches and 64 tokens but the "
+                     "model has 4x4 patches and 16 tokens") as e:
+    mixer.load(init, str(tmp_path / "p2.safetensors"), {})
+  assert "\n" not in str(e.value)
+
+
+def test_layer_ids_number_the_blocks_from_the_stem():
+  params = _known_params(mixer.Model(num_classes=5, **dict(TINY, num_blocks=3)))
+  ids, top = mixer.layer_ids(params)
+  assert top == 4
+  assert jax.tree.structure(ids) == jax.tree.structure(params)
+  flat = loading.flatten(ids)
+  assert {flat["stem/kernel"], flat["stem/bias"]} == {0}
+  for i in range(3):
+    assert {v for k, v in flat.items() if k.startswith(f"MixerBlock_{i}/")} == {i + 1}
+  assert {flat["pre_head_layer_norm/scale"], flat["head/kernel"], flat["head/bias"]} == {4}

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from vitcls import configs, optim, validate
+from vitcls.models import loading, vit
 
 
 def _config(**fields):
@@ -375,3 +376,146 @@ def test_sgd_bfloat16_momentum_matches_a_numpy_reference():
   with pytest.raises(configs.ConfigError, match="optax.accumulator_dtype must be one of"):
     _check(_config(optax_name="sgd",
                    optax=configs.ConfigDict({"accumulator_dtype": "bf16"})))
+
+
+# Layer-wise lr decay: the models number their layers (`layer_ids`), the optimiser scales.
+_TINY_VIT = dict(width=8, depth=3, mlp_dim=16, num_heads=2, patch_size=4, pool_type="tok",
+                 head_zeroinit=False)
+_TINY_MIXER = dict(hidden_dim=8, num_blocks=3, tokens_mlp_dim=6, channels_mlp_dim=12,
+                   patch_size=4, head_zeroinit=False)
+
+
+def _model_params(name, **fields):
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  model = models.build(name, 3, fields)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  return jax.tree_util.tree_map(np.asarray, params)
+
+
+def _stacked(params, prefix, depth, into):
+  """`prefix{i}` subtrees (i < depth) of a params dict stacked into one, named `into`."""
+  rest = {k: v for k, v in params.items() if not k.startswith(prefix)}
+  blocks = [params[f"{prefix}{i}"] for i in range(depth)]
+  return dict(rest, **{into: jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)})
+
+
+def _sgd_step(params, grads, **fields):
+  """One update of plain SGD (lr 0.1, wd 0.01 on kernels) with `fields` in the config."""
+  c = _config(lr=0.1, wd=0.01, optax_name="sgd", grad_clip_norm=0.0,
+              optax=configs.ConfigDict({"momentum": 0.0}),
+              **{"schedule.decay_type": "constant"}, **fields)
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return jax.tree_util.tree_map(np.asarray, updates)
+
+
+def _plain_sgd(params, grads):
+  """The closed form of `_sgd_step` without multipliers: -lr (g + wd p), wd on kernels."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p, g: -0.1 * (g + (0.01 * p if path[-1].key == "kernel" else 0.0)),
+      params, grads)
+
+
+def _random_like(params, seed=3):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda p: rng.normal(size=np.shape(p)).astype(np.float32), params)
+
+
+def _vit_factor(path, decay, depth):
+  """BEiT's closed form: block i decay**(depth+1 - (i+1)); embeddings decay**(depth+1)."""
+  if path.startswith("Transformer/encoderblock_"):
+    i = int(path.split("/")[1][len("encoderblock_"):])
+    return decay ** (depth + 1 - (i + 1))
+  if path.split("/")[0] in ("embedding", "pos_embedding", "cls"):
+    return decay ** (depth + 1)
+  return 1.0  # Transformer/encoder_norm, head.
+
+
+def _mixer_factor(path, decay, depth):
+  if path.startswith("MixerBlock_"):
+    return decay ** (depth - int(path.split("/")[0][len("MixerBlock_"):]))
+  return decay ** (depth + 1) if path.startswith("stem/") else 1.0
+
+
+@pytest.mark.parametrize("name, fields, factor, prefix, into", [
+    ("vit", _TINY_VIT, _vit_factor, "encoderblock_", "encoderblock"),
+    ("mixer", _TINY_MIXER, _mixer_factor, "MixerBlock_", None),
+])
+def test_layer_decay_scales_each_update_by_its_layers_closed_form(name, fields, factor,
+                                                                  prefix, into):
+  decay, depth = 0.5, 3
+  params = _model_params(name, **fields)
+  grads = _random_like(params)
+  decayed = _sgd_step(params, grads, model_name=name, layer_decay=decay)
+  plain = _plain_sgd(params, grads)
+  flat_decayed, flat_plain = loading.flatten(decayed), loading.flatten(plain)
+  seen = set()
+  for path, update in flat_decayed.items():
+    mult = factor(path, decay, depth)
+    seen.add(mult)
+    np.testing.assert_allclose(update, mult * flat_plain[path], rtol=1e-6, atol=1e-9,
+                               err_msg=path)
+  assert seen == {decay ** k for k in range(depth + 2)}
+  if into is None:  # Mixer has no scanned form.
+    return
+  # Scanned: the blocks stacked on a leading axis, each slice scaled by its own factor,
+  # and the update the unscanned run's, restacked.
+  stacked = lambda t: dict(t, Transformer=_stacked(t["Transformer"], prefix, depth, into))  # noqa: E731
+  scanned = _sgd_step(stacked(params), stacked(grads), model_name=name, layer_decay=decay,
+                      model=configs.ConfigDict(dict(fields, scan=True)))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, scanned, stacked(decayed))
+  block = scanned["Transformer"][into]["MlpBlock_0"]["Dense_0"]["kernel"]
+  block_plain = stacked(plain)["Transformer"][into]["MlpBlock_0"]["Dense_0"]["kernel"]
+  for i in range(depth):
+    np.testing.assert_allclose(block[i], decay ** (depth - i) * block_plain[i], rtol=1e-6)
+
+
+def test_vit_scanned_params_get_one_id_per_slice():
+  params = _model_params("vit", **dict(_TINY_VIT, scan=True))
+  ids, top = vit.layer_ids(params)
+  assert top == 4
+  np.testing.assert_array_equal(
+      ids["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"], [1, 2, 3])
+  factors = optim.layer_decay_tree(params, 0.5, "vit")
+  kernel = factors["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.shape == (3, 1, 1) and kernel.dtype == np.float32
+  np.testing.assert_array_equal(kernel.ravel(), [0.125, 0.25, 0.5])
+  assert factors["head"]["kernel"] == 1.0 and factors["cls"] == 0.5 ** 4
+
+
+def test_layer_decay_multiplies_lr_mults_leaves_frozen_alone_and_jits():
+  decay, depth = 0.5, 3
+  params = _model_params("vit", **_TINY_VIT)
+  grads = _random_like(params)
+  mults = [("head/.*", 10.0), (".*encoderblock_1/.*", 3.0)]
+  c = _config(lr=0.1, wd=0.01, optax_name="sgd", grad_clip_norm=0.0, model_name="vit",
+              optax=configs.ConfigDict({"momentum": 0.0}), layer_decay=decay,
+              lr_mults=mults, frozen=["embedding/.*"], **{"schedule.decay_type": "constant"})
+  tx, _ = optim.make_optimizer(c, total_steps=10)
+  state = tx.init(params)
+  eager, _ = tx.update(grads, state, params)
+  jitted, _ = jax.jit(tx.update)(grads, state, params)
+  flat, flat_jit = loading.flatten(eager), loading.flatten(jitted)
+  plain = loading.flatten(_plain_sgd(params, grads))
+  for path, update in flat.items():
+    np.testing.assert_allclose(flat_jit[path], update, rtol=1e-6, atol=1e-9, err_msg=path)
+    if path.startswith("embedding/"):
+      assert not np.any(update)  # Frozen: a zero update, scaled or not.
+      continue
+    mult = 10.0 if path.startswith("head/") else 3.0 if "encoderblock_1/" in path else 1.0
+    np.testing.assert_allclose(update, mult * _vit_factor(path, decay, depth) * plain[path],
+                               rtol=1e-6, atol=1e-9, err_msg=path)
+
+
+def test_layer_decay_is_checked():
+  for bad in (0.0, 1.5, float("nan")):
+    with pytest.raises(configs.ConfigError, match=r"config.layer_decay must be in \(0, 1\]"):
+      _check(_config(layer_decay=bad))
+  with pytest.raises(configs.ConfigError) as e:
+    _check(_config(layer_decay=0.75, model_name="bit"))
+  message = str(e.value)
+  assert message.startswith("config.layer_decay needs a model that numbers its layers "
+                            "(`layer_ids`), which 'bit' does not: use one of ")
+  assert "mixer" in message and "vit" in message and "\n" not in message
+  _check(_config(layer_decay=0.75, model_name="mixer"))

@@ -69,6 +69,11 @@ def test_types_are_checked_against_the_defaults():
     (["grad_accum_steps=4"], "grad_accum_steps 4 must divide the per-device batch (2 on"),
     (["sharding_rules=[('.*', 'shard')]"], "(regex, replicate | fsdp)"),
     (["lr_mults=[('[', 2.0)]"], "config.lr_mults: bad regex '['"),
+    (["layer_decay=1.5"], "config.layer_decay must be in (0, 1] (1.0 turns it off"),
+    (["layer_decay=0.0"], "config.layer_decay must be in (0, 1]"),
+    (["model_init=hf-hub:"], "config.model_init: 'hf-hub:' names no repo: write "
+                             "hf-hub:<owner>/<repo>[@<revision>]"),
+    (["model_init=hf-hub:timm/a..b"], "'hf-hub:timm/a..b' is not a Hub repo id"),
     (["mixup.alpha=0.2", "mixup.p=0.2"], "set alpha (timm) or p (big_vision), not both"),
     (["schedule.decay_type=stair"], "config.schedule.boundaries must be increasing"),
     (["class_weights=[1.0, 2.0]"], "config.class_weights must list 10 non-negative"),
@@ -310,3 +315,27 @@ print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'grain') if m in sys.modul
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.split() == ["2", "[]"]  # The width and the patch, at once.
+
+
+def test_an_offline_hub_checkpoint_is_checked_in_the_cache_without_jax(tmp_path):
+  """hf-hub: names are not paths: their form, and offline the Hub cache, in well under a
+  second (huggingface_hub's import included), before JAX loads."""
+  code = f"""
+import sys, time
+from vitcls import configs, validate
+c = configs.resolve(configs.load_experiment({DEFAULT_EXPERIMENT + ':runlocal=True'!r}),
+                    ['model_init=hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k'])
+start = time.perf_counter()
+from vitcls.models import hub
+found = hub.problems(c.model_init, c.model_name)
+print(round(time.perf_counter() - start, 3))
+print(validate.problems(c) == ['config.model_init: ' + p for p in found], len(found))
+print(sorted(m for m in ('jax', 'flax', 'tensorflow', 'grain') if m in sys.modules))
+"""
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path),
+             HF_HOME=str(tmp_path))
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  seconds, same, count, modules = proc.stdout.split()
+  assert float(seconds) < 1.0 and same == "True" and count == "1" and modules == "[]"

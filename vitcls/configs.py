@@ -50,7 +50,9 @@ def defaults() -> ConfigDict:
   c.model_name = "vit"
   c.num_classes = 10
   c.model = ConfigDict()
-  c.model_init = ""  # Checkpoint to start from: an .npz file or a vitcls workdir.
+  # Checkpoint to start from: an .npz or .safetensors file, a vitcls workdir, or
+  # hf-hub:<repo> (a Hugging Face Hub repo's model.safetensors, e.g. timm's).
+  c.model_init = ""
   c.model_load = ConfigDict()
   c.model_load.dont_load = []  # Regexes of params kept from the fresh init (e.g. 'head/.*').
 
@@ -103,6 +105,11 @@ def defaults() -> ConfigDict:
   c.loss = "softmax_xent"  # softmax_xent | sigmoid_xent (multi-label).
   c.class_weights = None  # None | "balanced" (n / (k * n_c) from the train split) | list.
   c.lr_mults = []  # [(regex, multiplier)]: per-parameter lr factors, first match wins.
+  # Layer-wise lr decay (BEiT, DeiT-III, ConvNeXt fine-tuning; e.g. 0.65): the update of
+  # a parameter of layer i scaled by layer_decay ** (L - i), times its lr_mults factor;
+  # layers as the model numbers them (`layer_ids` in vitcls/models/<model_name>.py:
+  # embeddings layer 0, block i layer i+1, the head layer L). 1.0: off.
+  c.layer_decay = 1.0
   c.frozen = []  # Regexes of parameters never updated (and given no optimiser state).
   c.grad_accum_steps = 1  # Micro-batches per step: same result, 1/n of the memory.
   c.ema_decay = 0.0  # EMA of the params (e.g. 0.9998); 0 = off. Evaluated beside the params.

@@ -11,7 +11,10 @@ norms and embeddings are not decayed), in one of three forms (`wd_mode`): "times
 -lr(t) / lr * wd * p: big_vision, where wd=1e-4 at lr=1e-3 equals AdamW's 0.1) or "l2"
 (wd * p added to the gradient before the optimiser: the ResNet / BiT papers' SGD). Parameter groups by regex on the `/`-joined path: `lr_mults`
 (`[(regex, multiplier)]`, first match wins) scales updates; `frozen` (regexes) leaves
-parameters bit for bit unchanged and gives them no optimiser state.
+parameters bit for bit unchanged and gives them no optimiser state. Layer-wise lr decay
+(`layer_decay`, BEiT / DeiT-III / ConvNeXt fine-tuning) scales the update of a parameter
+of layer `id` by `layer_decay ** (L - id)`, the layers numbered by the model's module
+(`vitcls.models.<model_name>.layer_ids`), times any `lr_mults` factor.
 
 The config was checked by `vitcls.validate` (names from `configs.OPTIMIZERS`,
 `DECAY_TYPES` and `WD_MODES`, regexes, the warmup and stair boundaries against the run's
@@ -20,11 +23,13 @@ length, the optax keys against `optimizer_arguments`); nothing here checks it ag
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vitcls import configs, treeutil
@@ -191,6 +196,10 @@ def make_optimizer(config, total_steps: int):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   if config.frozen:
     tx = freeze(tx, config.frozen)
+  if config.layer_decay != 1.0:
+    # Outside the freeze, where the model's `layer_ids` sees the whole tree (a frozen
+    # leaf's update is zero either way); its factors multiply those of `lr_mults`.
+    tx = optax.chain(tx, scale_by_layer_decay(config.layer_decay, config.model_name))
   return tx, schedule
 
 
@@ -208,6 +217,43 @@ def scale_by_lr_mults(lr_mults) -> optax.GradientTransformation:
     mults = lr_mults_tree(updates if params is None else params, lr_mults)
     return jax.tree_util.tree_map(lambda u, m: u * m if m != 1.0 else u, updates, mults)
   return optax.stateless(scale)
+
+
+def layer_decay_tree(params, layer_decay: float, model_name: str):
+  """Per-leaf factors `layer_decay ** (L - id)`, from `vitcls.models.<model_name>.layer_ids`.
+
+  A leaf numbered by an int gets a Python float; a leaf stacked over blocks (`scan`),
+  numbered by an int array of shape (depth,), gets a float32 array of shape
+  (depth, 1, ...) that broadcasts over its leading axis: one factor per block.
+  """
+  module = importlib.import_module(f"vitcls.models.{model_name}")
+  ids, top = module.layer_ids(params)
+
+  def factor(leaf, layer):
+    if np.ndim(layer) == 0:
+      return float(layer_decay) ** (top - int(layer))
+    powers = float(layer_decay) ** (top - np.asarray(layer, np.float64))
+    return powers.astype(np.float32).reshape((-1,) + (1,) * (np.ndim(leaf) - 1))
+  return jax.tree_util.tree_map(factor, params, ids)
+
+
+def scale_by_layer_decay(layer_decay: float, model_name: str) -> optax.GradientTransformation:
+  """Multiplies each leaf's update (weight decay included) by `layer_decay_tree`'s factor.
+
+  The factors are constants, read from the tree's structure when the update is traced:
+  the jitted step gains one multiply per leaf below the top layer, whatever the sharding.
+  """
+  def scale(updates, params):
+    factors = layer_decay_tree(updates if params is None else params, layer_decay,
+                               model_name)
+    return jax.tree_util.tree_map(_scaled, updates, factors)
+  return optax.stateless(scale)
+
+
+def _scaled(update, factor):
+  if np.ndim(factor) == 0:
+    return update if factor == 1.0 else update * factor
+  return update * jnp.asarray(factor, update.dtype)
 
 
 def frozen_mask(params, patterns):

@@ -3,12 +3,13 @@
 A run that fails after minutes of imports, data opening and compilation because of a
 misspelt name or a batch that does not split over the devices wastes the time of the
 person waiting for it, and often a queue slot. `problems(config)` runs in well under a
-second (NumPy and PIL are its heaviest imports; no JAX, TensorFlow or flax) and returns
-every problem it finds, one line each: field types against `configs.defaults()`, ranges,
-names (model and its fields, optimiser, schedule, loss, evaluators and their keys, pp
-ops), the model's field values (the rules its file declares, `models.field_rules`),
-regexes, the mesh and batch against a device and process count when given, the files
-the config names, and what the model is given: each pp is run once on a blank example
+second (NumPy and PIL are its heaviest imports, and huggingface_hub for an `hf-hub:`
+model_init; no JAX, TensorFlow or flax) and returns every problem it finds, one line
+each: field types against `configs.defaults()`, ranges, names (model and its fields,
+optimiser, schedule, loss, evaluators and their keys, pp ops), the model's field values
+(the rules its file declares, `models.field_rules`), regexes, the mesh and batch against
+a device and process count when given, the files the config names (an `hf-hub:`
+checkpoint in the Hub cache, never on the network), and what the model is given: each pp is run once on a blank example
 of its dataset's image shape (`sources.facts`, or two unlike shapes where images vary),
 so its images are checked against the model's patch and its labels' depth, like each
 dataset's classes, against the classes they are for. `check(config)` raises one
@@ -23,6 +24,7 @@ optax optimiser's arguments), `check_class_counts` (class_weights "balanced") an
 
 from __future__ import annotations
 
+import ast
 import math
 import os
 import re
@@ -135,8 +137,10 @@ def problems(config, *, num_devices: int | None = None, process_count: int = 1,
                    _model):
     check_fn(config, out)
   _evals(config, out, local_files)
+  if training:
+    _model_init(config, out, local_files)
   if local_files:
-    _files(config, out, model_init=training)
+    _files(config, out)
   _logging(config, out)
   _devices(config, num_devices, process_count, out)
   _given(config, out)
@@ -222,6 +226,9 @@ def _optimiser(c, out) -> None:
   _pairs(out, "lr_mults", c.lr_mults, lambda m: isinstance(m, (int, float)) and m >= 0,
          "(regex, multiplier >= 0)")
   _regex(out, "frozen", [c.frozen] if isinstance(c.frozen, str) else list(c.frozen))
+  _need(out, math.isfinite(c.layer_decay) and 0 < c.layer_decay <= 1, f"config.layer_decay "
+        f"must be in (0, 1] (1.0 turns it off; fine-tuning uses e.g. 0.65), got "
+        f"{c.layer_decay}")
   cw = c.class_weights
   if isinstance(cw, str):
     _need(out, cw == "balanced", f"config.class_weights must be None, 'balanced' or a list "
@@ -342,6 +349,11 @@ def _model(c, out) -> None:
     out.append(f"config.model_name: unknown model '{c.model_name}': available models: "
                f"{', '.join(names)}")
     return
+  if c.layer_decay != 1.0 and not _defines(c.model_name, "layer_ids"):
+    numbered = [n for n in names if _defines(n, "layer_ids")]
+    out.append(f"config.layer_decay needs a model that numbers its layers (`layer_ids`), "
+               f"which '{c.model_name}' does not: use one of {', '.join(numbered)}, or "
+               f"layer_decay=1.0")
   known = models.fields(c.model_name)
   rules = models.field_rules(c.model_name)
   for key, value in c.model.items():
@@ -351,6 +363,14 @@ def _model(c, out) -> None:
     elif key in rules and value is not None:
       _need(out, _follows(value, rules[key]), f"config.model.{key} must be "
             f"{_rule_text(rules[key])}, got {_plain(value)!r}")
+
+
+def _defines(model_name: str, function: str) -> bool:
+  """Whether `vitcls/models/<model_name>.py` defines a top-level `function` (read from
+  its source, like the model's fields: no flax)."""
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  return any(isinstance(node, ast.FunctionDef) and node.name == function
+             for node in models._source(model_name) or ())  # pylint: disable=protected-access
 
 
 # The kinds of rule a model's FIELD_RULES gives (`vitcls.models.field_rules`): whether a
@@ -448,10 +468,23 @@ def _evals(c, out, local_files: bool = True) -> None:
         _dataset(out, f"evals.{name}.{key}", resolved[key], c.input.data_dir)
 
 
-def _files(c, out, model_init: bool = True) -> None:
-  if model_init and c.model_init and not os.path.exists(c.model_init):
-    out.append(f"config.model_init: '{c.model_init}' does not exist: give an .npz "
-               f"checkpoint or a vitcls workdir")
+def _model_init(c, out, local_files: bool) -> None:
+  """The checkpoint a run starts from: a local path must exist (when local files are
+  checked); an `hf-hub:` name must be one, and the Hub cache is read, never the network,
+  for what it can tell (`vitcls.models.hub.problems`)."""
+  from vitcls.models import hub  # pylint: disable=g-import-not-at-top
+  if not c.model_init:
+    return
+  if hub.is_hub(c.model_init):
+    model_name = c.model_name if isinstance(c.model_name, str) else ""
+    out.extend(f"config.model_init: {problem}" for problem in
+               hub.problems(c.model_init, model_name, local_files=local_files))
+  elif local_files and not os.path.exists(c.model_init):
+    out.append(f"config.model_init: '{c.model_init}' does not exist: give an .npz or "
+               f".safetensors checkpoint, a vitcls workdir, or hf-hub:<repo>")
+
+
+def _files(c, out) -> None:
   if c.input.data_dir and not os.path.isdir(os.path.expanduser(c.input.data_dir)):
     out.append(f"config.input.data_dir: '{c.input.data_dir}' is not a folder")
   elif isinstance(c.input.data.get("name"), str) and c.input.data.name:

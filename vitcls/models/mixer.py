@@ -17,7 +17,10 @@ of google-research/vision_transformer (`vit_jax/models_mixer.py` at c6de1e5) and
 Numerics are flax's defaults as upstream: LayerNorm eps 1e-6, tanh-approximate `nn.gelu`,
 lecun-normal kernels and zero biases. Every config key is a dataclass field, named as
 big_vision's (`hidden_dim`, `num_blocks`, ...), so `Model(num_classes, **config.model)`
-needs no translation layer.
+needs no translation layer. timm's `MlpMixer` (timm/models/mlp_mixer.py), whose
+`mixer_*` weights are these checkpoints ported to PyTorch, computes the same network with
+exact (erf) GELU; `load` also reads its state dict (`.safetensors`), and
+`gelu_approximate=False` computes as timm does.
 
 `apply({'params': p}, images, train=...)` takes NHWC images in [-1, 1] and returns
 `(logits, aux)`; aux holds "stem" (patch grid), "encoded" (tokens after the final
@@ -25,6 +28,7 @@ LayerNorm), "pre_logits" (their mean) and "logits". The token-mixing MLP's shape
 number of patches, so a model is tied to one image size; `load` refuses another in one line.
 """
 
+import re
 from typing import Any, Optional, Sequence, Union
 
 from absl import logging
@@ -68,14 +72,16 @@ def decode_variant(variant: Optional[str]) -> dict:
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> Dense(back to the input's last dimension)."""
+  """Dense(mlp_dim) -> GELU (tanh-approximate or exact) -> Dense(back to the input's
+  last dimension)."""
   mlp_dim: int
   dtype: Any = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x):
     y = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = nn.gelu(y)
+    y = nn.gelu(y, approximate=self.gelu_approximate)
     return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=jnp.float32)(y)
 
 
@@ -91,6 +97,7 @@ class MixerBlock(nn.Module):
   channels_mlp_dim: int
   drop_rate: float = 0.0
   dtype: Any = jnp.float32
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -99,12 +106,14 @@ class MixerBlock(nn.Module):
         y = common.drop_path(y, self.drop_rate, self.make_rng("dropout"))
       return y
 
+    mlp = lambda dim, name: MlpBlock(  # noqa: E731
+        dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate, name=name)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = jnp.swapaxes(y, 1, 2)
-    y = MlpBlock(self.tokens_mlp_dim, dtype=self.dtype, name="token_mixing")(y)
+    y = mlp(self.tokens_mlp_dim, "token_mixing")(y)
     x = x + branch(jnp.swapaxes(y, 1, 2))
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = MlpBlock(self.channels_mlp_dim, dtype=self.dtype, name="channel_mixing")(y)
+    y = mlp(self.channels_mlp_dim, "channel_mixing")(y)
     return x + branch(y)
 
 
@@ -118,6 +127,9 @@ class Model(nn.Module):
     with train=True.
   dtype: compute dtype ("bfloat16" for mixed precision); params stay float32.
   head_zeroinit: zero head kernel (both upstreams'); False: lecun-normal.
+  gelu_approximate: True: tanh-approximate GELU, as vision_transformer and big_vision
+    trained their checkpoints; False: exact (erf) GELU, as timm's MlpMixer computes
+    (torch's nn.GELU), for its weights to give timm's logits.
   num_classes: 0/None means no head; logits are then the pre_logits.
   """
   num_classes: Optional[int] = None
@@ -130,6 +142,7 @@ class Model(nn.Module):
   stoch_depth: float = 0.0
   dtype: Optional[str] = None
   head_zeroinit: bool = True
+  gelu_approximate: bool = True
 
   def sizes(self) -> dict:
     """The resolved size fields, patch_size as (height, width); ValueError on bad config."""
@@ -149,6 +162,9 @@ class Model(nn.Module):
     common.as_dtype(self.dtype)
     if not 0 <= self.stoch_depth <= 1:
       raise ValueError(f"stoch_depth must be in [0, 1], got {self.stoch_depth!r}")
+    if not isinstance(self.gelu_approximate, bool):
+      raise ValueError(f"gelu_approximate must be true or false, got "
+                       f"{self.gelu_approximate!r}")
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -165,7 +181,8 @@ class Model(nn.Module):
     for i in range(depth):
       rate = self.stoch_depth * i / max(depth - 1, 1)
       x = MixerBlock(sizes["tokens_mlp_dim"], sizes["channels_mlp_dim"], drop_rate=rate,
-                     dtype=dtype, name=f"MixerBlock_{i}")(x, deterministic=not train)
+                     dtype=dtype, gelu_approximate=self.gelu_approximate,
+                     name=f"MixerBlock_{i}")(x, deterministic=not train)
     x = nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
                      name="pre_head_layer_norm")(x)
     out["encoded"] = x.astype(jnp.float32)
@@ -212,6 +229,51 @@ def _to_current_layout(params: dict) -> dict:
   return params
 
 
+# timm's MlpMixer state dict (timm/models/mlp_mixer.py: `stem` a PatchEmbed, `blocks.i`
+# MixerBlocks of norm1, mlp_tokens, norm2, mlp_channels (timm Mlps: fc1, fc2), `norm`,
+# `head`): a regex on the name without its last part -> the module here.
+_TIMM_MODULES = (
+    (r"stem\.proj", lambda m: "stem"),
+    (r"blocks\.(\d+)\.norm([12])", lambda m: f"MixerBlock_{m[1]}/LayerNorm_{int(m[2]) - 1}"),
+    (r"blocks\.(\d+)\.mlp_(token|channel)s\.fc([12])",
+     lambda m: f"MixerBlock_{m[1]}/{m[2]}_mixing/Dense_{int(m[3]) - 1}"),
+    (r"norm", lambda m: "pre_head_layer_norm"),
+    (r"head", lambda m: "head"),
+)
+
+
+def _from_timm(state_dict: dict, what: str) -> dict:
+  """timm's `mixer_*` state dict (dotted PyTorch names) -> the tree above.
+
+  Conv weights (out, in, kh, kw) become HWIO kernels, Linear weights (out, in) become
+  (in, out) kernels, LayerNorm weights scales; biases stay. A name timm's MlpMixer does
+  not have (a ResMLP or gMLP's, a stem norm) is refused in one line.
+  """
+  flat = {}
+  for name, value in state_dict.items():
+    module, _, kind = name.rpartition(".")
+    path = None
+    for pattern, to_path in _TIMM_MODULES:
+      match = re.fullmatch(pattern, module)
+      if match:
+        path = to_path(match)
+        break
+    if path is None or kind not in ("weight", "bias"):
+      raise loading.CheckpointError(
+          f"'{what}' has parameter '{name}', which timm's MlpMixer (mixer_*) does not: "
+          f"it is not a timm Mixer state dict (ResMLP and gMLP are other networks)")
+    value = np.asarray(value)
+    if kind == "bias":
+      flat[f"{path}/bias"] = value
+    elif value.ndim == 4:
+      flat[f"{path}/kernel"] = value.transpose(2, 3, 1, 0)
+    elif value.ndim == 2:
+      flat[f"{path}/kernel"] = value.T
+    else:
+      flat[f"{path}/scale"] = value
+  return loading.unflatten(flat)
+
+
 def _grid(params: dict) -> Optional[tuple]:
   """(patch height, patch width, number of tokens) a params tree was made for."""
   try:
@@ -225,16 +287,25 @@ def _grid(params: dict) -> Optional[tuple]:
 def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
          origin: str = "") -> dict:
   """Parameters for a model of `model_cfg` from a vision_transformer / big_vision Mixer
-  `.npz` (or a params tree; `origin` names it in messages), loaded by name.
+  `.npz`, a timm `mixer_*` `.safetensors` state dict (or a params tree of either;
+  `origin` names it in messages), loaded by name.
 
   Nothing is resampled: the token-mixing MLP is as wide as the patch grid, so a checkpoint
   of another patch or image size is refused in one line. The head is kept from
   `init_params` when its shape differs (another class count) or `dont_load` names it; any
-  other mismatch is one CheckpointError naming the parameter and both shapes.
+  other mismatch is one CheckpointError naming the parameter and both shapes. timm
+  weights load into a model of tanh-approximate GELU (the default) with a warning, as its
+  logits then differ slightly from timm's: `gelu_approximate=False` gives timm's. Which
+  GELU a JAX checkpoint was trained with, its file does not say (upstream's: tanh).
   """
-  del model_cfg  # The init params say everything about the model's shapes.
   what = loading.describe(checkpoint, origin)
-  restored = _to_current_layout(loading.read_params(checkpoint))
+  params = loading.read_params(checkpoint)
+  timm = loading.is_torch_layout(params)
+  restored = _from_timm(params, what) if timm else _to_current_layout(params)
+  if timm and model_cfg.get("gelu_approximate", True):
+    logging.warning("%s is a timm Mixer, trained with exact GELU, but the model computes "
+                    "tanh-approximate GELU: set config.model.gelu_approximate=False to "
+                    "give timm's logits.", what)
   have, want = _grid(restored), _grid(init_params)
   if have and want and have != want:
     raise loading.CheckpointError(
@@ -244,3 +315,26 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
   logging.info("Loading Mixer parameters from %s.", what)
   return loading.merge(restored, init_params, dont_load, fresh=[r"head/.*"],
                        source=f"'{what}'")
+
+
+def layer_ids(params) -> tuple[dict, int]:
+  """Each parameter's layer for layer-wise lr decay (`config.layer_decay`), and the top L.
+
+  As `vitcls.models.vit.layer_ids` numbers a ViT: the patch embedding (`stem`) is layer
+  0, `MixerBlock_i` is layer i+1, and what follows the blocks (`pre_head_layer_norm`,
+  `head`) is layer L = num_blocks + 1, where the optimiser's factor
+  `layer_decay ** (L - id)` is 1.
+  """
+  top = sum(1 for name in params if name.startswith("MixerBlock_")) + 1
+
+  def layer(name):
+    if name == "stem":
+      return 0
+    if name.startswith("MixerBlock_"):
+      return int(name[len("MixerBlock_"):]) + 1
+    return top
+
+  def constant(tree, value):
+    return jax.tree_util.tree_map(lambda _: value, tree)
+
+  return {name: constant(sub, layer(name)) for name, sub in params.items()}, top

@@ -20,6 +20,7 @@ from vitcls import configs, losses, models, optim, sharding, state, steps, valid
 from vitcls.data import pipeline, sources
 from vitcls.data import pp as pp_lib
 from vitcls.data.pp import device as pp_device
+from vitcls.models import hub
 from vitcls.run import checkpoint
 
 
@@ -58,11 +59,8 @@ class Run:
       return init()
     # Computed on each host, unsharded: identical everywhere, so every process loads alike.
     fresh = jax.device_get(jax.jit(lambda: self.init_fn().params)())
-    weights = c.model_init  # An .npz path, or a workdir whose newest intact params are read.
-    if os.path.isdir(c.model_init):
-      weights = checkpoint.load_params(c.model_init)
-    params = models.load(c.model_name, fresh, weights, c.model, c.model_load.dont_load,
-                         origin=c.model_init)
+    params = models.load(c.model_name, fresh, model_init_weights(c), c.model,
+                         c.model_load.dont_load, origin=c.model_init)
     return init(params)
 
   def _index_batches(self, start_step: int, labels) -> Iterator[dict[str, jax.Array]]:
@@ -99,6 +97,18 @@ class Run:
     return pipeline.iterate(dataset, self.batch_sharding, num_threads=c.input.num_threads,
                             prefetch=c.input.prefetch, num_workers=c.input.num_workers,
                             device_prefetch=c.input.device_prefetch)
+
+
+def model_init_weights(config):
+  """What `config.model_init` names, as `models.load` takes it: the path of an .npz or
+  .safetensors file, the local `model.safetensors` of an `hf-hub:<repo>` (resolved,
+  downloaded if needed, and its architecture checked against `config.model_name` by
+  `vitcls.models.hub`), or the newest intact params of a vitcls workdir."""
+  if hub.is_hub(config.model_init):
+    return hub.resolve(config.model_init, config.model_name).path
+  if os.path.isdir(config.model_init):
+    return checkpoint.load_params(config.model_init)
+  return config.model_init
 
 
 class _Indices:
