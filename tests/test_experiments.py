@@ -17,7 +17,10 @@ def test_there_are_experiments():
 
 # Experiments whose arguments pick another model: each such choice runs too.
 VARIANTS = [p + ":runlocal=True" for p in EXPERIMENTS] + [
-    os.path.join(REPO, "experiments", "finetune.py:model=bit,runlocal=True")]
+    os.path.join(REPO, "experiments", f"finetune.py:model={m},runlocal=True")
+    for m in ("bit", "mixer", "convnext")] + [
+    os.path.join(REPO, "experiments", f"mnist5k_models.py:model={m},runlocal=True")
+    for m in ("convnext_v2", "vit_reg")]
 
 
 @pytest.mark.parametrize("spec", VARIANTS, ids=lambda s: os.path.basename(s))

@@ -1,0 +1,91 @@
+"""The other architectures on mnist5k, each small enough for a laptop CPU.
+
+The same data, optimiser and budget as `mnist5k_vit.py` (`make train`: AdamW lr 3e-3, 100
+warm-up steps then cosine, weight decay 0.05, label smoothing 0.1, batch 128, random
+2-pixel shifts, digits kept on the device), with one of:
+  mixer       MLP-Mixer: 4 blocks, 128 channels, patch 7 (16 tokens), token MLP 64,
+              channel MLP 256, stochastic depth 0.1;
+  convnext    ConvNeXt (v1, LayerScale 1e-6): depths (1, 1, 2, 1), dims
+              (32, 64, 96, 128), stochastic depth 0.1, on the digits resized to 32 px
+              (the four stages divide the image by 32);
+  convnext_v2 the same with ConvNeXt V2's GRN instead of LayerScale;
+  vit_reg     `make train`'s ViT with what DINOv2 and DeiT-III add: 4 register tokens,
+              LayerScale 1e-5, a SwiGLU MLP, a class token.
+Measured in vitcls on 2 CPU cores, 1,000 steps each (test top-1): see
+`MEASURED` below and the README's "Models" section.
+
+Arguments (`--config=experiments/mnist5k_models.py:model=mixer,steps=1000`):
+  model: one of the names above.
+  steps: training steps.
+  runlocal: a few steps of a tiny model of the family, for tests.
+"""
+
+from vitcls import configs
+
+MODELS = {
+    "mixer": ("mixer", dict(hidden_dim=128, num_blocks=4, tokens_mlp_dim=64,
+                            channels_mlp_dim=256, patch_size=7, stoch_depth=0.1)),
+    "convnext": ("convnext", dict(depths=(1, 1, 2, 1), dims=(32, 64, 96, 128), version=1,
+                                  stoch_depth=0.1)),
+    "convnext_v2": ("convnext", dict(depths=(1, 1, 2, 1), dims=(32, 64, 96, 128),
+                                     version=2, stoch_depth=0.1)),
+    "vit_reg": ("vit", dict(width=128, depth=4, mlp_dim=256, num_heads=4, patch_size=7,
+                            pool_type="tok", num_registers=4, layer_scale_init=1e-5,
+                            mlp_type="swiglu", stoch_depth=0.1)),
+}
+TINY = {
+    "mixer": dict(hidden_dim=32, num_blocks=1, tokens_mlp_dim=16, channels_mlp_dim=64),
+    "convnext": dict(dims=(8, 16, 24, 32)),
+    "convnext_v2": dict(dims=(8, 16, 24, 32)),
+    "vit_reg": dict(width=32, depth=1, mlp_dim=64, num_heads=2),
+}
+# Test top-1 after 1,000 steps, measured in vitcls on 2 CPU cores (one run each).
+MEASURED = {"mixer": None, "convnext": None, "convnext_v2": None, "vit_reg": None}
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, model="mixer", steps=1000, runlocal=False)
+  if arg.model not in MODELS:
+    raise configs.ConfigError(f"mnist5k_models.py: model must be one of "
+                              f"{', '.join(MODELS)}, got {arg.model}")
+  c = configs.defaults()
+  c.seed = 0
+  c.model_name, model = MODELS[arg.model]
+  c.model = configs.ConfigDict(model)
+  c.num_classes = 10
+  # The four ConvNeXt stages divide the image by 32: the digits are resized to 32 px.
+  size = "resize(32)|" if c.model_name == "convnext" else ""
+
+  c.input.data.name = "mnist5k"
+  c.input.data.split = "train"
+  c.input.pp = size + "random_shift(2)|value_range(-1,1)|onehot(10)"
+  c.input.batch_size = 128
+  c.input.on_device = True
+  c.total_steps = arg.steps
+
+  c.optax_name = "adamw"
+  c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
+  c.lr = 3e-3
+  c.wd = 0.05
+  c.grad_clip_norm = 1.0
+  c.label_smoothing = 0.1
+  c.schedule.decay_type = "cosine"
+  c.schedule.warmup_steps = 100
+
+  c.evals.test = configs.ConfigDict(dict(
+      type="classification", split="test", pp=size + "value_range(-1,1)|onehot(10)",
+      batch_size=500, every=500))
+  c.log_every = 50
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2
+
+  if arg.runlocal:
+    c.total_steps = min(arg.steps, 4)
+    c.input.batch_size = 16
+    c.model.update(TINY[arg.model])
+    c.schedule.warmup_steps = 1
+    c.evals.test.batch_size = 250
+    c.evals.test.every = 2
+    c.log_every = 1
+    c.checkpoint_every = 2
+  return c
