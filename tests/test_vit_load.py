@@ -239,3 +239,28 @@ def test_bad_files_are_one_clear_error(tmp_path):
 
   assert "does not exist" in _one_line_error(
       lambda: vit.load(_init(model), str(tmp_path / "nope.npz"), {}))
+
+
+def test_export_round_trip_with_registers_layer_scale_and_swiglu(tmp_path):
+  cfg = dict(num_registers=2, layer_scale_init=1e-5, mlp_type="swiglu", qkv_bias=False,
+             scan=True)
+  model = _model(**cfg)
+  params = _known_params(model)
+  path = str(tmp_path / "out.npz")
+  loading.write_npz(path, params)
+  unrolled = _model(**dict(cfg, scan=False))
+  loaded = vit.load(_init(unrolled), path, dict(cfg, scan=False))
+  assert loaded["reg"].shape == (1, 2, 32)
+  assert "LayerScale_1" in loaded["Transformer"]["encoderblock_1"]
+  np.testing.assert_allclose(_logits(unrolled, loaded), _logits(model, params), atol=1e-5)
+
+
+def test_npz_that_does_not_match_the_config_names_the_field(tmp_path):
+  path = _save(tmp_path, loading.flatten(_known_params(_model(layer_scale_init=1e-5))))
+  message = _one_line_error(lambda: vit.load(_init(_model()), path, {}))
+  assert message == (f"the '{path}' has LayerScale (per-channel scales on the residual "
+                     f"branches): set config.model.layer_scale_init (e.g. 1e-5; the file "
+                     f"gives the values) to load it")
+  path = _save(tmp_path, loading.flatten(_known_params(_model(num_registers=4))), "reg.npz")
+  assert "set config.model.num_registers=4 to load it" in _one_line_error(
+      lambda: vit.load(_init(_model()), path, {}))

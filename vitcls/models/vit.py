@@ -4,15 +4,25 @@
 numerics (pre-norm blocks, LayerNorm eps 1e-6, tanh-approximate GELU, xavier-uniform
 attention/MLP kernels) and the same parameter names as google-research/vision_transformer
 and big_vision, so their `.npz` checkpoints map onto it. Every config key is a dataclass
-field, so `Model(num_classes, **config.model)` needs no translation layer.
+field, so `Model(num_classes, **config.model)` needs no translation layer. Options for
+the towers published elsewhere (each off by default, so the default tree and numerics are
+the original's): register tokens (`num_registers`, DINOv2-reg), LayerScale
+(`layer_scale_init`, DeiT-III, DINOv2), a SwiGLU MLP (`mlp_type`, DINOv2-g), exact GELU
+(`gelu_approximate=False`, timm and Hugging Face), no q/k/v bias (`qkv_bias`), a class
+token with any pooling (`class_token`), the MAP head's own size (`map_num_heads`,
+`map_mlp_dim`) and the LayerNorm epsilon (`layer_norm_eps`). `load` reads their
+checkpoints: `.npz` (big_vision, incl. the `img/` tower of a SigLIP two-tower file) here,
+timm / Hugging Face `.safetensors` through `vitcls.models.vit_torch`.
 
 `apply({'params': p}, images, train=...)` takes NHWC images in [-1, 1] and returns
 `(logits, aux)`; aux holds "stem" (patch grid), "encoded" (all tokens after the final
-LayerNorm, the cls token first when pool_type="tok") and "pre_logits" (what the head sees).
-Logits and aux features are float32 whatever `dtype` computes in.
+LayerNorm: the cls token first when there is one, then the registers, then the patches)
+and "pre_logits" (what the head sees). Logits and aux features are float32 whatever
+`dtype` computes in.
 """
 
 import math
+import re
 from typing import Any, Optional, Sequence, Union
 
 from absl import logging
@@ -37,6 +47,7 @@ VARIANTS = {
 POOL_TYPES = ("gap", "tok", "map")
 POSEMBS = ("learn", "sincos2d")
 WEIGHT_INITS = ("big_vision", "timm")
+MLP_TYPES = ("gelu", "swiglu")
 # What `vitcls.validate` checks of the fields' values before flax loads (read from this
 # source: see `vitcls.models.field_rules`). The patch convolution drops pixels past the
 # last whole patch, so a patch need not divide the image, only fit in it.
@@ -44,7 +55,9 @@ FIELD_RULES = {
     "variant": VARIANTS, "width": "positive", "depth": "positive", "mlp_dim": "positive",
     "num_heads": "positive", "patch_size": "patch", "posemb": POSEMBS,
     "pool_type": POOL_TYPES, "dropout": "rate", "stoch_depth": "rate",
-    "weight_init": WEIGHT_INITS,
+    "weight_init": WEIGHT_INITS, "mlp_type": MLP_TYPES, "gelu_approximate": (True, False),
+    "qkv_bias": (True, False), "class_token": (True, False), "map_num_heads": "positive",
+    "map_mlp_dim": "positive",
 }
 
 
@@ -134,11 +147,21 @@ def dense_inits(weight_init: str) -> tuple[Any, Any]:
 
 
 class MlpBlock(nn.Module):
-  """Dense(mlp_dim) -> GELU -> dropout -> Dense(width) -> dropout."""
+  """Dense(mlp_dim) -> GELU -> dropout -> Dense(width) -> dropout.
+
+  mlp_type="swiglu" (DINOv2-g; timm's `SwiGLUPacked`, DINOv2's `SwiGLUFFNFused`): `Dense_0`
+  is packed, 2 * mlp_dim wide; its first half is the gate, through SiLU, times its second
+  half, the value: silu(x W[:, :h]) * (x W[:, h:]) with h = mlp_dim, then `Dense_1` (h ->
+  width). mlp_dim is that h (4096 for DINOv2-g: (int(4 * 1536 * 2 / 3) + 7) // 8 * 8).
+  gelu_approximate: tanh approximation (big_vision, flax's default) or exact erf (PyTorch
+  `nn.GELU`, as timm and Hugging Face ViT/DINOv2 compute).
+  """
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
   weight_init: str = "big_vision"
+  mlp_type: str = "gelu"
+  gelu_approximate: bool = True
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -147,11 +170,58 @@ class MlpBlock(nn.Module):
         n, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=kernel_init,
         bias_init=bias_init)
     width = x.shape[-1]
-    x = dense(self.mlp_dim)(x)
-    x = nn.gelu(x)
+    if self.mlp_type == "swiglu":
+      gate, value = jnp.split(dense(2 * self.mlp_dim)(x), 2, axis=-1)
+      x = nn.silu(gate) * value
+    else:
+      x = dense(self.mlp_dim)(x)
+      x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(rate=self.dropout)(x, deterministic)
     x = dense(width)(x)
     return nn.Dropout(rate=self.dropout)(x, deterministic)
+
+
+class LayerScale(nn.Module):
+  """x * scale, one learned factor per channel (Touvron et al. 2021, CaiT / DeiT-III).
+
+  Its parameter is `scale`, shape (width,), starting at `init_value` (1e-5 in DINOv2, 1e-6
+  in DeiT-III); a block's attention branch has `LayerScale_0`, its MLP branch
+  `LayerScale_1` (timm's `ls1.gamma` / `ls2.gamma`, Hugging Face's `layer_scale1.lambda1`).
+  """
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],),
+                       jnp.float32)
+    return x * scale.astype(x.dtype)
+
+
+class QKVNoBiasAttention(nn.Module):
+  """Self-attention whose query/key/value projections have no bias (the output keeps it).
+
+  The layout of `nn.MultiHeadDotProductAttention` (kernels `query`/`key`/`value` (width,
+  heads, width/heads), `out` (heads, width/heads, width)) and the same numerics, less the
+  three biases; a block names it `MultiHeadDotProductAttention_0`, as that module.
+  timm's `qkv_bias=False` towers (`vit_base_patch16_224_miil`, `vit_medium_patch16_gap_*`)
+  use it.
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    heads = (self.num_heads, width // self.num_heads)
+    project = lambda name: nn.DenseGeneral(  # noqa: E731
+        heads, axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=self.kernel_init, name=name)(x)
+    y = nn.dot_product_attention(project("query"), project("key"), project("value"),
+                                 dtype=self.dtype)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
+                           name="out")(y)
 
 
 class Encoder1DBlock(nn.Module):
@@ -160,6 +230,7 @@ class Encoder1DBlock(nn.Module):
   Returns (x, None) so the same module serves as a body of `nn.scan`. `drop_rate` is this
   block's stochastic-depth rate (a float, or a traced scalar under scan); it is applied
   to both residual branches only when `use_drop_path` and not `deterministic`.
+  layer_scale_init: a `LayerScale` on each branch before the residual sum (None: none).
   """
   mlp_dim: int
   num_heads: int
@@ -167,25 +238,38 @@ class Encoder1DBlock(nn.Module):
   use_drop_path: bool = False
   dtype: Any = jnp.float32
   weight_init: str = "big_vision"
+  layer_scale_init: Optional[float] = None
+  mlp_type: str = "gelu"
+  gelu_approximate: bool = True
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, drop_rate, deterministic: bool = True):
     def branch(y):
+      if self.layer_scale_init is not None:
+        y = LayerScale(self.layer_scale_init)(y)
       if self.use_drop_path and not deterministic:
         y = common.drop_path(y, drop_rate, self.make_rng("dropout"))
       return y
 
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=dense_inits(self.weight_init)[0],
-        deterministic=True)(y, y)
+    kernel_init = dense_inits(self.weight_init)[0]
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    if self.qkv_bias:
+      y = nn.MultiHeadDotProductAttention(
+          num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
+          kernel_init=kernel_init, deterministic=True)(y, y)
+    else:
+      y = QKVNoBiasAttention(num_heads=self.num_heads, dtype=self.dtype,
+                             kernel_init=kernel_init,
+                             name="MultiHeadDotProductAttention_0")(y)
     y = nn.Dropout(rate=self.dropout)(y, deterministic)
     x = x + branch(y)
 
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)(x)
     y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                 weight_init=self.weight_init)(y, deterministic)
+                 weight_init=self.weight_init, mlp_type=self.mlp_type,
+                 gelu_approximate=self.gelu_approximate)(y, deterministic)
     return x + branch(y), None
 
 
@@ -207,6 +291,11 @@ class Encoder(nn.Module):
   remat_policy: Optional[str] = None
   scan: bool = False
   weight_init: str = "big_vision"
+  layer_scale_init: Optional[float] = None
+  mlp_type: str = "gelu"
+  gelu_approximate: bool = True
+  qkv_bias: bool = True
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -218,7 +307,9 @@ class Encoder(nn.Module):
                        policy=_remat_policy(self.remat_policy))
     kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
               use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
-              weight_init=self.weight_init)
+              weight_init=self.weight_init, layer_scale_init=self.layer_scale_init,
+              mlp_type=self.mlp_type, gelu_approximate=self.gelu_approximate,
+              qkv_bias=self.qkv_bias, layer_norm_eps=self.layer_norm_eps)
     if self.scan:
       scanned = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
@@ -228,16 +319,23 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x, _ = block(name=f"encoderblock_{i}", **kw)(x, float(rates[i]), deterministic)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32,
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32,
                         name="encoder_norm")(x)
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling: a learned probe attends over the tokens, then an MLP."""
+  """Multihead attention pooling: a learned probe attends over the tokens, then an MLP.
+
+  big_vision's names: `probe` (1, 1, width), `MultiHeadDotProductAttention_0` (with
+  biases), `LayerNorm_0`, `MlpBlock_0/Dense_{0,1}`; the pooled token is
+  attn + MLP(LN(attn)). SigLIP's towers give it the encoder's heads and mlp_dim.
+  """
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
   weight_init: str = "big_vision"
+  gelu_approximate: bool = True
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
@@ -249,9 +347,9 @@ class MAPHead(nn.Module):
     x = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=dense_inits(self.weight_init)[0], deterministic=True)(probe, x)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=jnp.float32)(x)
-    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype,
-                     weight_init=self.weight_init)(y)
+    y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=jnp.float32)(x)
+    x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, weight_init=self.weight_init,
+                     gelu_approximate=self.gelu_approximate)(y)
     return x[:, 0]
 
 
@@ -270,11 +368,31 @@ def _remat_policy(name: Optional[str]):
 class Model(nn.Module):
   """ViT classifier. Size comes from `variant` ("S/16"); explicit size fields override it.
 
-  pool_type: "gap" (mean of tokens), "tok" (learned cls token at position 0, head reads
-    token 0) or "map" (attention pooling with a learned probe).
+  pool_type: "gap" (mean of the patch tokens), "tok" (learned cls token at position 0,
+    head reads token 0) or "map" (attention pooling with a learned probe over the patch
+    tokens). As timm pools, the cls and register tokens never enter "gap" or "map".
+  class_token: a learned `cls` token before the patches; None (default): only with
+    pool_type="tok". True with "gap"/"map" keeps it in the encoder (timm's
+    `vit_medium_patch16_gap_*`, a DINOv2 tower pooled another way).
+  num_registers: learned register tokens (Darcet et al. 2024), param `reg` (1, R, width),
+    placed after the cls token and before the patches ([cls, reg..., patches], as timm and
+    DINOv2 order them), with no position embedding, dropped before pooling.
   posemb: "learn" (param `pos_embedding` of the h*w patches) or "sincos2d" (fixed, no
     param). Either is added before the cls token is prepended, as in big_vision: the
-    original N+1 layout of vision_transformer checkpoints is folded into `cls` on load.
+    original N+1 layout of vision_transformer, timm and Hugging Face checkpoints is folded
+    into `cls` on load (a constant added to a constant token: logits are unchanged).
+  layer_scale_init: LayerScale on both residual branches of every block, starting at this
+    value (DeiT-III 1e-6 for S/B, 1e-5 for L/H; DINOv2 1e-5); None: no LayerScale.
+  mlp_type: "gelu" (Dense, GELU, Dense) or "swiglu" (packed gate/value, SiLU; DINOv2-g
+    with mlp_dim=4096); see `MlpBlock`.
+  gelu_approximate: tanh-approximate GELU (big_vision, SigLIP, the default) or exact erf
+    GELU (False: timm and Hugging Face ViT / DINOv2, whose logits it then reproduces).
+  qkv_bias: biases on the query/key/value projections (the output projection keeps its).
+  layer_norm_eps: every LayerNorm's epsilon: 1e-6 (big_vision, timm, DINOv2, SigLIP);
+    Hugging Face's ViTConfig says 1e-12 for the same Google weights (set it to reproduce
+    transformers' ViT outputs to 1e-5).
+  map_num_heads / map_mlp_dim: the MAP head's heads and MLP width (default: the encoder's,
+    as big_vision, timm and Hugging Face SigLIP towers have them).
   rep_size: int adds Dense(rep_size)+tanh ("pre_logits") before the head; True = width.
   dropout: after the position embedding and in every block (attention output, MLP).
   stoch_depth: drop-path on each residual branch, per example, rate linear in depth from 0
@@ -292,6 +410,8 @@ class Model(nn.Module):
       MLP, pre_logits, head) `trunc_normal(.02)` with zero bias, position embedding and
       cls `trunc_normal(.02)`, the patch embedding PyTorch's Conv2d default
       (`torch_default_uniform`), LayerNorms one and zero (both schemes).
+    Either way registers start N(0, 1e-6^2) (timm, DINOv2) and LayerScales at
+    layer_scale_init.
   """
   num_classes: Optional[int] = None
   variant: Optional[str] = None
@@ -311,6 +431,19 @@ class Model(nn.Module):
   scan: bool = False
   head_zeroinit: bool = True
   weight_init: str = "big_vision"
+  class_token: Optional[bool] = None
+  num_registers: int = 0
+  layer_scale_init: Optional[float] = None
+  mlp_type: str = "gelu"
+  gelu_approximate: bool = True
+  qkv_bias: bool = True
+  map_num_heads: Optional[int] = None
+  map_mlp_dim: Optional[int] = None
+  layer_norm_eps: float = 1e-6
+
+  def has_class_token(self) -> bool:
+    """Whether the model has a `cls` token: `class_token`, else pool_type == "tok"."""
+    return self.pool_type == "tok" if self.class_token is None else bool(self.class_token)
 
   def sizes(self) -> dict:
     """The resolved width/depth/mlp_dim/num_heads/patch_size; ValueError on bad config."""
@@ -336,6 +469,27 @@ class Model(nn.Module):
     if self.weight_init not in WEIGHT_INITS:
       raise ValueError(f"unknown weight_init {self.weight_init!r}: expected one of "
                        f"{', '.join(WEIGHT_INITS)}")
+    if self.mlp_type not in MLP_TYPES:
+      raise ValueError(f"unknown mlp_type {self.mlp_type!r}: expected one of "
+                       f"{', '.join(MLP_TYPES)}")
+    if self.pool_type == "tok" and not self.has_class_token():
+      raise ValueError("pool_type='tok' reads the class token: set class_token=True (or "
+                       "None), or pool_type 'gap' or 'map'")
+    if (isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int)
+        or self.num_registers < 0):
+      raise ValueError(f"num_registers must be an integer >= 0, got {self.num_registers!r}")
+    eps = self.layer_norm_eps
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+      raise ValueError(f"layer_norm_eps must be a positive number, got {eps!r}")
+    ls = self.layer_scale_init
+    if ls is not None and (isinstance(ls, bool) or not isinstance(ls, (int, float))
+                           or not math.isfinite(ls) or ls <= 0):
+      raise ValueError(f"layer_scale_init must be a positive number or None, got {ls!r}")
+    sizes["map_num_heads"] = self.map_num_heads or sizes["num_heads"]
+    sizes["map_mlp_dim"] = self.map_mlp_dim or sizes["mlp_dim"]
+    if sizes["width"] % sizes["map_num_heads"]:
+      raise ValueError(f"ViT width {sizes['width']} is not divisible by map_num_heads "
+                       f"{sizes['map_num_heads']}")
     return sizes
 
   def validate(self) -> None:
@@ -369,27 +523,40 @@ class Model(nn.Module):
       pos_init = trunc_normal(0.02) if timm else nn.initializers.normal(stddev=width ** -0.5)
       pos = self.param("pos_embedding", pos_init, (1, h * w, width), jnp.float32)
       x = x + pos.astype(dtype)
-    if self.pool_type == "tok":  # After the posemb, as big_vision: cls has no posemb.
+    prefix = []  # After the posemb, as big_vision: cls and registers have none.
+    if self.has_class_token():
       cls = self.param("cls", trunc_normal(0.02) if timm else nn.initializers.zeros,
                        (1, 1, width), jnp.float32)
-      x = jnp.concatenate([jnp.tile(cls.astype(dtype), [n, 1, 1]), x], axis=1)
+      prefix.append(cls)
+    if self.num_registers:
+      prefix.append(self.param("reg", nn.initializers.normal(stddev=1e-6),
+                               (1, self.num_registers, width), jnp.float32))
+    if prefix:
+      x = jnp.concatenate([jnp.tile(t.astype(dtype), [n, 1, 1]) for t in prefix] + [x],
+                          axis=1)
     x = nn.Dropout(rate=self.dropout)(x, not train)
 
     x = Encoder(
         depth=sizes["depth"], mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"],
         dropout=self.dropout, stoch_depth=self.stoch_depth, dtype=dtype, remat=self.remat,
         remat_policy=self.remat_policy, scan=self.scan, weight_init=self.weight_init,
-        name="Transformer")(
+        layer_scale_init=self.layer_scale_init, mlp_type=self.mlp_type,
+        gelu_approximate=self.gelu_approximate, qkv_bias=self.qkv_bias,
+        layer_norm_eps=self.layer_norm_eps, name="Transformer")(
             x, deterministic=not train)
     out["encoded"] = x.astype(jnp.float32)
 
+    num_prefix = int(self.has_class_token()) + self.num_registers
     if self.pool_type == "tok":
       x = x[:, 0]
     elif self.pool_type == "gap":
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(x[:, num_prefix:] if num_prefix else x, axis=1)
     else:
-      x = MAPHead(mlp_dim=sizes["mlp_dim"], num_heads=sizes["num_heads"], dtype=dtype,
-                  weight_init=self.weight_init)(x)
+      x = MAPHead(mlp_dim=sizes["map_mlp_dim"], num_heads=sizes["map_num_heads"],
+                  dtype=dtype, weight_init=self.weight_init,
+                  gelu_approximate=self.gelu_approximate,
+                  layer_norm_eps=self.layer_norm_eps)(
+                      x[:, num_prefix:] if num_prefix else x)
 
     rep_size = width if self.rep_size is True else self.rep_size
     dense_init = dict(kernel_init=trunc_normal(0.02)) if timm else {}
@@ -475,22 +642,116 @@ def resample_posemb(old, new_length: int):
   return np.asarray(grid).reshape(1, new_length, -1)
 
 
+def _image_tower(tree: dict) -> dict:
+  """The image tower of a big_vision two-tower (SigLIP, LiT) tree: its `img/` subtree."""
+  if isinstance(tree.get("img"), dict) and ("txt" in tree or "t" in tree):
+    logging.info("Loading the image tower (img/) of a two-tower checkpoint.")
+    return tree["img"]
+  return tree
+
+
+def _heads(tree) -> int:
+  """The attention heads of a ViT tree's first block (or of a MAPHead_0 subtree)."""
+  if not isinstance(tree, dict):
+    return 1
+  attention = tree.get("MultiHeadDotProductAttention_0")
+  if attention is None:
+    encoder = tree.get("Transformer", {})
+    block = encoder.get("encoderblock", encoder.get("encoderblock_0", {}))
+    attention = block.get("MultiHeadDotProductAttention_0", {})
+  kernel = attention.get("query", {}).get("kernel")
+  return int(np.shape(kernel)[-2]) if kernel is not None else 1
+
+
+def _first_block(tree: dict) -> dict:
+  encoder = tree.get("Transformer", {})
+  return encoder.get("encoderblock", encoder.get("encoderblock_0", {}))
+
+
+def _check_options(restored: dict, init: dict, what: str, dont_load: Sequence[str]) -> None:
+  """One line naming the config field to set when the file has a part the model lacks (or
+  the other way round): registers, LayerScale, SwiGLU, q/k/v biases, cls token, MAP head."""
+  skip = [re.compile(p) for p in dont_load]
+  skipped = lambda path: any(p.fullmatch(path) for p in skip)  # noqa: E731
+  fix = "set config.model.{} to load it".format
+  file_reg = np.shape(restored["reg"])[1] if "reg" in restored else 0
+  model_reg = np.shape(init["reg"])[1] if "reg" in init else 0
+  if file_reg != model_reg and not skipped("reg"):
+    raise loading.CheckpointError(
+        f"the '{what}' has {file_reg} register tokens but the model {model_reg}: "
+        f"{fix(f'num_registers={file_reg}')}")
+  fb, mb = _first_block(restored), _first_block(init)
+  if fb and mb:
+    if ("LayerScale_0" in fb) != ("LayerScale_0" in mb) and not skipped(
+        ".*/LayerScale_0/scale"):
+      raise loading.CheckpointError(
+          f"the '{what}' has LayerScale (per-channel scales on the residual branches): "
+          f"{fix('layer_scale_init (e.g. 1e-5; the file gives the values)')}"
+          if "LayerScale_0" in fb else
+          f"the '{what}' has no LayerScale but the model has: {fix('layer_scale_init=None')}")
+
+    def glu(block):
+      dense = block.get("MlpBlock_0", {})
+      d0, d1 = dense.get("Dense_0", {}).get("kernel"), dense.get("Dense_1", {}).get("kernel")
+      return None if d0 is None or d1 is None else np.shape(d0)[-1] == 2 * np.shape(d1)[-2]
+    if None not in (glu(fb), glu(mb)) and glu(fb) != glu(mb):
+      kind = "swiglu" if glu(fb) else "gelu"
+      raise loading.CheckpointError(
+          f"the '{what}' has a {'SwiGLU (packed gate and value)' if glu(fb) else 'GELU'} "
+          f"MLP: {fix(f'mlp_type={kind!r}')}")
+    has_bias = lambda b: "bias" in b.get("MultiHeadDotProductAttention_0", {}).get(  # noqa: E731
+        "query", {})
+    if has_bias(fb) != has_bias(mb) and not skipped(".*/query/bias"):
+      raise loading.CheckpointError(
+          f"the '{what}' has {'' if has_bias(fb) else 'no '}query/key/value biases: "
+          f"{fix(f'qkv_bias={has_bias(fb)}')}")
+  if "cls" in init and "cls" not in restored and not skipped("cls"):
+    raise loading.CheckpointError(
+        f"the '{what}' has no class token: set config.model.class_token=False and "
+        f"pool_type 'map' or 'gap'")
+  if "MAPHead_0" in init and "MAPHead_0" not in restored and not skipped("MAPHead_0/probe"):
+    raise loading.CheckpointError(
+        f"the '{what}' has no MAP head: set config.model.pool_type to 'tok' or 'gap', or add "
+        f"'MAPHead_0/.*' to config.model_load.dont_load to train a fresh one")
+
+
 def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
          origin: str = "") -> dict:
   """Parameters for a model of `model_cfg` from a checkpoint, adapted to it.
 
   `checkpoint`: a params tree (e.g. a vitcls workdir's, read by the caller), or the path
   of a vision_transformer / AugReg or big_vision `.npz` (bare, or under `params/`;
-  per-block or stacked blocks); `origin` names it in messages (default: the path).
+  per-block or stacked blocks; of a two-tower SigLIP / LiT file, its `img/` tower), or of
+  a timm / Hugging Face `.safetensors` ViT state dict (converted by
+  `vitcls.models.vit_torch`); `origin` names it in messages (default: the path).
   Adapting: blocks stacked or split to match `model_cfg.scan`; the position embedding
-  resampled to the model's patch grid; `pre_logits` dropped when the model has no
-  `rep_size` (the head, trained on its output, is then fresh too); the head kept from
-  `init_params` when its shape differs (another class count) or `dont_load` names it.
-  Any other mismatch is one CheckpointError naming the parameter and both shapes.
+  resampled to the model's patch grid (bilinear, `resample_posemb`); `pre_logits` dropped
+  when the model has no `rep_size` (the head, trained on its output, is then fresh too);
+  the head kept from `init_params` when its shape differs (another class count) or
+  `dont_load` names it. A file with registers, LayerScale, a SwiGLU MLP, q/k/v biases, a
+  cls token or a MAP head the model's config does not match is one CheckpointError naming
+  the config field to set; any other mismatch one naming the parameter and both shapes.
   """
   what = loading.describe(checkpoint, origin)
-  restored = _match_scan(_to_current_layout(loading.read_params(checkpoint)),
-                         bool(model_cfg.get("scan", False)))
+  restored = loading.read_params(checkpoint)
+  if loading.is_torch_layout(restored):
+    from vitcls.models import vit_torch  # pylint: disable=g-import-not-at-top
+    grid = np.shape(init_params["pos_embedding"])[1] if "pos_embedding" in init_params else None
+    restored, layout = vit_torch.convert(
+        restored, _heads(init_params), _heads(init_params.get("MAPHead_0")), grid, what)
+    if layout.exact_gelu == bool(model_cfg.get("gelu_approximate", True)):
+      logging.info("%s computes GELU %s: set config.model.gelu_approximate=%s to reproduce "
+                   "its outputs exactly.", layout.name,
+                   "exactly (erf)" if layout.exact_gelu else "with the tanh approximation",
+                   not layout.exact_gelu)
+    if layout.layer_norm_eps != model_cfg.get("layer_norm_eps", 1e-6):
+      logging.info("%s's LayerNorms use eps %g: set config.model.layer_norm_eps=%g to "
+                   "reproduce its outputs exactly.", layout.name, layout.layer_norm_eps,
+                   layout.layer_norm_eps)
+  else:
+    restored = _to_current_layout(_image_tower(restored))
+  restored = _match_scan(restored, bool(model_cfg.get("scan", False)))
+  _check_options(restored, init_params, what, dont_load)
   fresh = [r"head/.*"]
   if "pre_logits" in restored and "pre_logits" not in init_params:
     logging.info("Dropping pre_logits of %s: the model has no rep_size.", what)
@@ -529,9 +790,13 @@ def layer_ids(params) -> tuple[dict, int]:
   ids = {}
   for name, sub in params.items():
     if name == "Transformer":
-      ids[name] = {k: jax.tree_util.tree_map(lambda _, i=block_id(k): i, v)
-                   for k, v in sub.items()}
+      ids[name] = {k: _constant_tree(v, block_id(k)) for k, v in sub.items()}
     else:
-      layer = 0 if name in ("embedding", "pos_embedding", "cls", "reg") else top
-      ids[name] = jax.tree_util.tree_map(lambda _, i=layer: i, sub)
+      ids[name] = _constant_tree(
+          sub, 0 if name in ("embedding", "pos_embedding", "cls", "reg") else top)
   return ids, top
+
+
+def _constant_tree(tree, value):
+  """`tree` with every leaf replaced by `value`."""
+  return jax.tree_util.tree_map(lambda _: value, tree)
