@@ -20,6 +20,8 @@ Arguments (`--config=experiments/mnist5k_models.py:model=mixer,steps=1000`):
   runlocal: a few steps of a tiny model of the family, for tests.
 """
 
+import os
+
 from vitcls import configs
 
 MODELS = {
@@ -48,44 +50,13 @@ def get_config(arg=None):
   if arg.model not in MODELS:
     raise configs.ConfigError(f"mnist5k_models.py: model must be one of "
                               f"{', '.join(MODELS)}, got {arg.model}")
-  c = configs.defaults()
-  c.seed = 0
+  # `make train`'s recipe, whose numbers its file explains; only the model changes.
+  c = configs.load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                           f"mnist5k_vit.py:steps={arg.steps},"
+                                           f"runlocal={arg.runlocal}"))
   c.model_name, model = MODELS[arg.model]
-  c.model = configs.ConfigDict(model)
-  c.num_classes = 10
-  # The four ConvNeXt stages divide the image by 32: the digits are resized to 32 px.
-  size = "resize(32)|" if c.model_name == "convnext" else ""
-
-  c.input.data.name = "mnist5k"
-  c.input.data.split = "train"
-  c.input.pp = size + "random_shift(2)|value_range(-1,1)|onehot(10)"
-  c.input.batch_size = 128
-  c.input.on_device = True
-  c.total_steps = arg.steps
-
-  c.optax_name = "adamw"
-  c.optax = configs.ConfigDict(dict(b1=0.9, b2=0.999))
-  c.lr = 3e-3
-  c.wd = 0.05
-  c.grad_clip_norm = 1.0
-  c.label_smoothing = 0.1
-  c.schedule.decay_type = "cosine"
-  c.schedule.warmup_steps = 100
-
-  c.evals.test = configs.ConfigDict(dict(
-      type="classification", split="test", pp=size + "value_range(-1,1)|onehot(10)",
-      batch_size=500, every=500))
-  c.log_every = 50
-  c.checkpoint_every = 500
-  c.keep_checkpoints = 2
-
-  if arg.runlocal:
-    c.total_steps = min(arg.steps, 4)
-    c.input.batch_size = 16
-    c.model.update(TINY[arg.model])
-    c.schedule.warmup_steps = 1
-    c.evals.test.batch_size = 250
-    c.evals.test.every = 2
-    c.log_every = 1
-    c.checkpoint_every = 2
+  c.model = configs.ConfigDict(dict(model, **(TINY[arg.model] if arg.runlocal else {})))
+  if c.model_name == "convnext":  # The four stages divide the image by 32: 28 -> 32 px.
+    c.input.pp = "resize(32)|" + c.input.pp
+    c.evals.test.pp = "resize(32)|" + c.evals.test.pp
   return c
