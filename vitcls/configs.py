@@ -36,6 +36,7 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor")
 DECAY_TYPES = ("cosine", "linear", "rsqrt", "stair", "constant")
 WD_MODES = ("times_lr", "times_schedule", "l2")
 LOSSES = ("softmax_xent", "sigmoid_xent")
+DISTILL_LOSSES = ("kl",)
 SHARDING_KINDS = ("replicate", "fsdp")
 
 

@@ -63,6 +63,39 @@ def get(name: str):
   return _LOSSES[name]
 
 
+def kl_to_teacher(student_logits, teacher_logits, temperature: float = 1.0):
+  """Per-example T^2 KL(softmax(t/T) || softmax(s/T)): function matching's loss.
+
+  The T^2 factor keeps the gradient's scale independent of T (Hinton et al. 2015).
+  """
+  t = temperature
+  teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
+  student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+  return t * t * jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+
+
+def distill_kl(student, teacher_logits, labels, *, temperature=1.0, weight=1.0,
+               label_smoothing=0.0):
+  """Function matching (Beyer et al. 2022): the student matches the teacher's outputs on
+  the same view; labels are not used (weight is ignored: the teacher is the only target)."""
+  del labels, weight, label_smoothing
+  return kl_to_teacher(student["logits"], teacher_logits, temperature)
+
+
+# configs.DISTILL_LOSSES: each distillation loss by name. Every one maps
+# (student: dict with "logits" [B, K] and, with a distillation token, "logits_dist";
+#  teacher_logits [B, K]; labels [B, K] (smoothed/mixed as the step made them);
+#  temperature, weight (the teacher's share), label_smoothing) -> per-example [B].
+_DISTILL_LOSSES = {
+    "kl": distill_kl,
+}
+
+
+def distillation(name: str):
+  """The distillation loss called `name` (see `_DISTILL_LOSSES`)."""
+  return _DISTILL_LOSSES[name]
+
+
 def balanced_class_weights(counts) -> np.ndarray:
   """n / (k * n_c) per class: every class then weighs n / k in total (sum_c n_c w_c = n)."""
   counts = np.asarray(counts, np.float64)
