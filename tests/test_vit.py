@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitcls import models
-from vitcls.models import vit
+from vitcls.models import loading, vit
 
 # Small model for semantic tests: width 32, depth 1, 2 heads; patch 4 on 16x16 -> 16 tokens.
 SMALL = dict(num_classes=5, variant="mu/4", head_zeroinit=False)
@@ -441,6 +441,13 @@ TIMM_COUNTS = [
      518, 1, 1136.48),
     ("vit_base_patch16_siglip_224", dict(num_classes=0, variant="B/16", pool_type="map"),
      224, 0, 92.88),
+    # Distilled DeiT: pos_embed has entries for cls and dist, both folded.
+    ("deit_small_distilled_patch16_224", dict(num_classes=1000, variant="S/16",
+                                              pool_type="tok", distill_token=True),
+     224, 2, 22.44),
+    ("deit_base_distilled_patch16_224", dict(num_classes=1000, variant="B/16",
+                                             pool_type="tok", distill_token=True),
+     224, 2, 87.34),
 ]
 
 
@@ -613,4 +620,112 @@ def test_field_rules_cover_the_new_options():
   assert rules["mlp_type"] == ("gelu", "swiglu")
   assert rules["qkv_bias"] == (True, False) and rules["class_token"] == (True, False)
   assert rules["map_num_heads"] == "positive" and rules["map_mlp_dim"] == "positive"
+  assert rules["distill_token"] == (True, False)
   assert {"num_registers", "layer_scale_init", "layer_norm_eps"} <= models.fields("vit")
+
+
+# --------------------------------------------------------------- DeiT distillation token
+
+
+def _dense(x, p):
+  return np.asarray(x, np.float64) @ np.asarray(p["kernel"], np.float64) + np.asarray(
+      p["bias"], np.float64)
+
+
+def test_distill_token_follows_cls_without_posemb_and_has_its_own_head():
+  """[cls, dist, registers, patches + posemb]; `head` reads token 0, `head_dist` token 1;
+  train=True gives the cls head's logits, train=False the mean of the two heads."""
+  images = _images()
+  for rep_size in (False, True):
+    # depth=0: encoded = encoder_norm(tokens entering the encoder), a plain LN at init.
+    model = vit.Model(**SMALL, depth=0, pool_type="tok", distill_token=True,
+                      num_registers=2, rep_size=rep_size)
+    params = _init(model, images)
+    assert params["dist"].shape == (1, 1, 32) and params["head_dist"]["kernel"].shape == (
+        32, 5)
+    assert 0.01 < np.std(params["dist"]) < 0.04  # trunc_normal(.02), unlike the zero cls.
+    rng = np.random.default_rng(1)
+    cls, dist, reg = rng.normal(size=(1, 1, 32)), rng.normal(size=(1, 1, 32)), rng.normal(
+        size=(1, 2, 32))
+    head_dist = {"kernel": rng.normal(size=(32, 5)), "bias": rng.normal(size=5)}
+    params = dict(params, cls=cls, dist=dist, reg=reg, head_dist=head_dist)
+    logits, aux = model.apply({"params": params}, images, train=False)
+    patches = np.asarray(aux["stem"]).reshape(2, 16, 32) + np.asarray(params["pos_embedding"])
+    tokens = np.concatenate([np.broadcast_to(t, (2,) + t.shape[1:])
+                             for t in (cls, dist, reg)] + [patches], axis=1)
+    np.testing.assert_allclose(aux["encoded"], _layernorm(tokens), atol=2e-4)
+    features = np.asarray(aux["encoded"])[:, :2]
+    if rep_size:
+      features = np.tanh(_dense(features, params["pre_logits"]))
+    np.testing.assert_allclose(aux["pre_logits"], features.mean(1), atol=1e-5)
+    expected_cls = _dense(features[:, 0], params["head"])
+    expected_dist = _dense(features[:, 1], head_dist)
+    np.testing.assert_allclose(aux["logits_cls"], expected_cls, atol=1e-4)
+    np.testing.assert_allclose(aux["logits_dist"], expected_dist, atol=1e-4)
+    np.testing.assert_allclose(logits, (expected_cls + expected_dist) / 2, atol=1e-4)
+    assert aux["logits"] is logits and logits.dtype == jnp.float32
+    logits, aux = model.apply({"params": params}, images, train=True)
+    np.testing.assert_allclose(logits, expected_cls, atol=1e-4)
+    np.testing.assert_allclose(aux["logits_dist"], expected_dist, atol=1e-4)
+
+
+def test_distill_token_defaults_and_errors():
+  images = _images()
+  plain = _init(vit.Model(**SMALL, pool_type="tok"), images)
+  assert "dist" not in plain and "head_dist" not in plain
+  zero = _init(vit.Model(num_classes=5, variant="mu/4", pool_type="tok", distill_token=True),
+               images)
+  assert np.all(zero["head_dist"]["kernel"] == 0) and np.all(zero["head"]["kernel"] == 0)
+  # No head: the features are the mean of the two tokens', as timm's pre_logits.
+  model = vit.Model(num_classes=0, variant="mu/4", pool_type="tok", distill_token=True)
+  logits, aux = model.apply({"params": _init(model, images)}, images)
+  assert "head_dist" not in _init(model, images) and "logits_dist" not in aux
+  np.testing.assert_allclose(logits, np.mean(aux["encoded"][:, :2], axis=1), atol=1e-6)
+  for pool_type in ("gap", "map"):
+    with pytest.raises(ValueError) as info:
+      vit.Model(**SMALL, pool_type=pool_type, distill_token=True).validate()
+    assert str(info.value).startswith("distill_token=True needs pool_type='tok'")
+    assert "\n" not in str(info.value)
+
+
+def test_distill_token_layer_ids_and_load_round_trip(tmp_path):
+  """layer_ids: `dist` with the embeddings (0), `head_dist` with the head (L). A vitcls
+  export (npz) loads back unchanged, also into a scanned model; another class count gets
+  fresh heads; an N+2 position embedding (cls, dist, patches) is folded into the tokens."""
+  images = _images()
+  cfg = dict(SMALL, depth=2, pool_type="tok", distill_token=True)
+  model = vit.Model(**cfg)
+  params = jax.device_get(_init(model, images, seed=1))
+  ids, top = vit.layer_ids(params)
+  assert top == 3 and ids["dist"] == 0 and ids["cls"] == 0
+  assert ids["head_dist"] == {"kernel": 3, "bias": 3}
+  path = str(tmp_path / "export.npz")
+  loading.write_npz(path, params)
+  init = jax.device_get(_init(model, images, seed=2))
+  loaded = models.load("vit", init, path, cfg)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  scan = vit.Model(**cfg, scan=True)
+  scanned = models.load("vit", jax.device_get(_init(scan, images)), path, dict(cfg, scan=True))
+  for train in (False, True):
+    np.testing.assert_allclose(scan.apply({"params": scanned}, images, train=train)[0],
+                               model.apply({"params": params}, images, train=train)[0],
+                               rtol=1e-5, atol=1e-5)
+  other = vit.Model(**dict(cfg, num_classes=7))
+  other_init = jax.device_get(_init(other, images))
+  fresh = models.load("vit", other_init, path, cfg)
+  for head in ("head", "head_dist"):
+    np.testing.assert_array_equal(fresh[head]["kernel"], other_init[head]["kernel"])
+  np.testing.assert_array_equal(fresh["dist"], params["dist"])
+  pos = np.random.default_rng(3).normal(size=(1, 18, 32)).astype(np.float32)
+  folded = models.load("vit", init, dict(params, pos_embedding=pos), cfg)
+  np.testing.assert_allclose(folded["cls"], params["cls"] + pos[:, :1])
+  np.testing.assert_allclose(folded["dist"], params["dist"] + pos[:, 1:2])
+  np.testing.assert_array_equal(folded["pos_embedding"], pos[:, 2:])
+  # A model without the token refuses the export in one line, and the other way round.
+  plain = vit.Model(**dict(cfg, distill_token=False))
+  with pytest.raises(loading.CheckpointError, match="set config.model.distill_token=True"):
+    models.load("vit", jax.device_get(_init(plain, images)), path, {})
+  plain_path = str(tmp_path / "plain.npz")
+  loading.write_npz(plain_path, jax.device_get(_init(plain, images)))
+  with pytest.raises(loading.CheckpointError, match="has no distillation token"):
+    models.load("vit", init, plain_path, cfg)

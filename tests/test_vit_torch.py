@@ -2,7 +2,8 @@
 
 Each test writes a state dict with the exact names and shapes of a reference format (timm
 `VisionTransformer` and its AugReg / DeiT / DeiT-III / DINOv2 / SigLIP configurations,
-the original DINOv2 release, Hugging Face `ViTModel` / `ViTForImageClassification` /
+timm's `VisionTransformerDistilled` (distilled DeiT), the original DINOv2 release, Hugging
+Face `ViTModel` / `ViTForImageClassification` / `DeiTForImageClassificationWithTeacher` /
 `Dinov2Model` / `Dinov2WithRegistersModel` / `SiglipVisionModel` / `SiglipModel` /
 `SiglipForImageClassification`, big_vision's SigLIP two-tower `.npz`) from random
 parameters, loads it with `vitcls.models.load("vit", ...)` and compares the logits with a
@@ -103,18 +104,21 @@ def _tile(token, b):
 # ---------------------------------------------------------------------------- timm
 
 
-def _timm_state(r, *, cls=True, reg=0, embed_prefix=True, ls=False, swiglu=False,
-                qkv_bias=True, pool="token", classes=CLASSES, grid=GRID):
+def _timm_state(r, *, cls=True, dist=False, reg=0, embed_prefix=True, ls=False,
+                swiglu=False, qkv_bias=True, pool="token", classes=CLASSES, grid=GRID):
   """timm VisionTransformer's state dict (timm/models/vision_transformer.py): names and
   shapes of PatchEmbed, cls_token, reg_token, pos_embed (prefix entries unless
   no_embed_class), Block (norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1/fc2,
-  ls2.gamma), norm, AttentionPoolLatent (attn_pool.*) and head."""
+  ls2.gamma), norm, AttentionPoolLatent (attn_pool.*) and head; `dist`: deit.py's
+  VisionTransformerDistilled adds dist_token, head_dist and a pos_embed entry for it."""
   sd = {"patch_embed.proj.weight": r(D, 3, PATCH, PATCH), "patch_embed.proj.bias": r(D)}
   if cls:
     sd["cls_token"] = r(1, 1, D)
+  if dist:
+    sd["dist_token"] = r(1, 1, D)
   if reg:
     sd["reg_token"] = r(1, reg, D)
-  prefix = int(cls) + reg
+  prefix = int(cls) + int(dist) + reg
   sd["pos_embed"] = r(1, grid * grid + (prefix if embed_prefix else 0), D)
   for i in range(DEPTH):
     b = f"blocks.{i}."
@@ -141,15 +145,19 @@ def _timm_state(r, *, cls=True, reg=0, embed_prefix=True, ls=False, swiglu=False
                "attn_pool.mlp.fc2.bias": r(D)})
   if classes:
     sd.update({"head.weight": r(classes, D), "head.bias": r(classes)})
+    if dist:
+      sd.update({"head_dist.weight": r(classes, D), "head_dist.bias": r(classes)})
   return sd
 
 
-def _timm_forward(sd, images, *, embed_prefix=True, pool="token"):
-  """timm's VisionTransformer.forward (eval), LayerNorm eps 1e-6, nn.GELU (exact)."""
+def _timm_forward(sd, images, *, embed_prefix=True, pool="token", distilled_training=False):
+  """timm's VisionTransformer.forward (eval), LayerNorm eps 1e-6, nn.GELU (exact). With a
+  dist_token, VisionTransformerDistilled's: [cls, dist, patches], and forward_head's
+  (head(x[:, 0]) + head_dist(x[:, 1])) / 2, or the pair with `distilled_training`."""
   eps = 1e-6
   x = _patches(images, sd, "patch_embed.proj")
   b = x.shape[0]
-  prefix = [_tile(sd[k], b) for k in ("cls_token", "reg_token") if k in sd]
+  prefix = [_tile(sd[k], b) for k in ("cls_token", "dist_token", "reg_token") if k in sd]
   num_prefix = sum(t.shape[1] for t in prefix)
   if embed_prefix:  # _pos_embed: original timm / DeiT: concat, then add.
     x = np.concatenate(prefix + [x], axis=1) + sd["pos_embed"]
@@ -170,6 +178,9 @@ def _timm_forward(sd, images, *, embed_prefix=True, pool="token"):
       h = _gelu(h, exact=True)
     x = x + _linear(h, sd, p + "mlp.fc2") * sd.get(p + "ls2.gamma", 1.0)
   x = _layernorm(x, sd, "norm", eps)
+  if "dist_token" in sd:
+    heads = _linear(x[:, 0], sd, "head"), _linear(x[:, 1], sd, "head_dist")
+    return heads if distilled_training else (heads[0] + heads[1]) / 2
   if pool == "token":
     x = x[:, 0]
   elif pool == "avg":  # fc_norm=False: the final norm, then the mean of the patch tokens.
@@ -208,6 +219,11 @@ TIMM_CASES = {
     # vit_*_augreg* and deit_*: cls token, N+1 position embedding, token pooling.
     "augreg_deit": (dict(), dict(), dict(pool_type="tok")),
     "deit_scanned_model": (dict(), dict(), dict(pool_type="tok", scan=True)),
+    # deit_*_distilled_*: dist_token after cls, N+2 position embedding, head_dist; eval
+    # logits are the mean of the two heads.
+    "deit_distilled": (dict(dist=True), dict(), dict(pool_type="tok", distill_token=True)),
+    "deit_distilled_scanned_model": (dict(dist=True), dict(),
+                                     dict(pool_type="tok", distill_token=True, scan=True)),
     # deit3_*: no_embed_class=True, LayerScale (init_values=1e-6).
     "deit3": (dict(embed_prefix=False, ls=True), dict(embed_prefix=False),
               dict(pool_type="tok", layer_scale_init=1e-6)),
@@ -285,7 +301,7 @@ def test_original_deit3_release_layout(tmp_path):
 
 
 def _hf_vit_state(r, *, dinov2=False, reg=0, swiglu=False, pooler=False, classes=0,
-                  prefix=""):
+                  prefix="", distilled=False):
   """transformers' ViTModel / Dinov2Model / Dinov2WithRegistersModel names and shapes
   (modeling_vit.py, modeling_dinov2(_with_registers).py): embeddings.{cls_token,
   mask_token, register_tokens, position_embeddings (1, N+1, D),
@@ -293,15 +309,19 @@ def _hf_vit_state(r, *, dinov2=False, reg=0, swiglu=False, pooler=False, classes
   attention.attention.{query,key,value}, attention.output.dense, layer_scale1.lambda1,
   layernorm_after|norm2, intermediate.dense + output.dense | mlp.fc1/fc2 |
   mlp.weights_in/weights_out, layer_scale2.lambda1}, layernorm, pooler.dense; the
-  classifier sits outside the `vit.` / `dinov2.` prefix."""
+  classifier sits outside the `vit.` / `dinov2.` prefix. `distilled`: modeling_deit.py's
+  DeiTForImageClassificationWithTeacher: embeddings.distillation_token, position
+  embeddings (1, N+2, D), cls_classifier and distillation_classifier (outside `deit.`)."""
   e = prefix + "embeddings."
-  sd = {e + "cls_token": r(1, 1, D), e + "position_embeddings": r(1, N + 1, D),
+  sd = {e + "cls_token": r(1, 1, D), e + "position_embeddings": r(1, N + 1 + distilled, D),
         e + "patch_embeddings.projection.weight": r(D, 3, PATCH, PATCH),
         e + "patch_embeddings.projection.bias": r(D)}
   if dinov2:
     sd[e + "mask_token"] = r(1, D)
   if reg:
     sd[e + "register_tokens"] = r(1, reg, D)
+  if distilled:
+    sd[e + "distillation_token"] = r(1, 1, D)
   for i in range(DEPTH):
     p = f"{prefix}encoder.layer.{i}."
     norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
@@ -325,7 +345,10 @@ def _hf_vit_state(r, *, dinov2=False, reg=0, swiglu=False, pooler=False, classes
   sd[prefix + "layernorm.bias"] = r(D, scale=0.1)
   if pooler:
     sd[prefix + "pooler.dense.weight"], sd[prefix + "pooler.dense.bias"] = r(D, D), r(D)
-  if classes:
+  if classes and distilled:
+    for name in ("cls_classifier", "distillation_classifier"):
+      sd[name + ".weight"], sd[name + ".bias"] = r(classes, D), r(classes)
+  elif classes:
     sd["classifier.weight"], sd["classifier.bias"] = r(classes, D), r(classes)
   return sd
 
@@ -338,7 +361,8 @@ def _hf_vit_forward(sd, images, *, dinov2=False, prefix=""):
   e = prefix + "embeddings."
   x = _patches(images, sd, e + "patch_embeddings.projection")
   b = x.shape[0]
-  x = np.concatenate([_tile(sd[e + "cls_token"], b), x], axis=1) + sd[e + "position_embeddings"]
+  tokens = [_tile(sd[e + k], b) for k in ("cls_token", "distillation_token") if e + k in sd]
+  x = np.concatenate(tokens + [x], axis=1) + sd[e + "position_embeddings"]
   if e + "register_tokens" in sd:  # Inserted after the position embedding, after cls.
     x = np.concatenate([x[:, :1], _tile(sd[e + "register_tokens"], b), x[:, 1:]], axis=1)
   for i in range(DEPTH):
@@ -363,6 +387,9 @@ def _hf_vit_forward(sd, images, *, dinov2=False, prefix=""):
   else:  # Dinov2Model's pooler_output.
     pooled = x[:, 0]
   logits = _linear(x[:, 0], sd, "classifier") if "classifier.weight" in sd else None
+  if "cls_classifier.weight" in sd:  # DeiTForImageClassificationWithTeacher.
+    logits = (_linear(x[:, 0], sd, "cls_classifier")
+              + _linear(x[:, 1], sd, "distillation_classifier")) / 2
   return pooled, logits
 
 
@@ -371,6 +398,17 @@ def test_hf_vit_for_image_classification(tmp_path):
   logits, _ = _load_and_run(_save(tmp_path, sd), pool_type="tok", gelu_approximate=False,
                             layer_norm_eps=1e-12)
   np.testing.assert_allclose(logits, _hf_vit_forward(sd, _images()[1], prefix="vit.")[1],
+                             atol=1e-5)
+
+
+def test_hf_deit_for_image_classification_with_teacher(tmp_path):
+  """transformers' distilled DeiT (facebook/deit-*-distilled-*): `deit.` prefix, ViT's layer
+  names, a distillation token and two classifiers whose mean is the logits."""
+  sd = _hf_vit_state(_Random(31), classes=CLASSES, prefix="deit.", distilled=True)
+  logits, loaded = _load_and_run(_save(tmp_path, sd), pool_type="tok", distill_token=True,
+                                 gelu_approximate=False, layer_norm_eps=1e-12)
+  assert set(loaded["head_dist"]) == {"kernel", "bias"}
+  np.testing.assert_allclose(logits, _hf_vit_forward(sd, _images()[1], prefix="deit.")[1],
                              atol=1e-5)
 
 
@@ -648,14 +686,51 @@ def test_unknown_layout_names_its_keys(tmp_path):
   assert vit_torch.WHAT_LOADS in message
 
 
-def test_distilled_deit_is_refused(tmp_path):
-  """Decision: refused, not converted; the distillation token takes part in every block's
-  attention, so dropping it would give other features than the trained network's."""
-  sd = _timm_state(_Random(19))
-  sd["dist_token"], sd["head_dist.weight"] = _Random(20)(1, 1, D), _Random(21)(CLASSES, D)
-  message = _one_line_error(_load(tmp_path, sd, pool_type="tok"))
-  assert message.startswith(f"'{tmp_path}/model.safetensors' is a distilled DeiT")
-  assert "load the non-distilled deit_* / deit3_* weights instead" in message
+def test_timm_distilled_deit_heads_in_training_and_evaluation(tmp_path):
+  """train=True: the cls head's logits, aux "logits_dist" the distillation head's (what
+  DeiT's DistillationLoss takes); train=False: their mean (timm's forward_head in eval)."""
+  sd = _timm_state(_Random(19), dist=True)
+  cfg = dict(CFG, pool_type="tok", distill_token=True, gelu_approximate=False)
+  model = vit.Model(num_classes=CLASSES, **cfg)
+  images, nchw = _images()
+  init = jax.device_get(model.init(jax.random.key(0), images)["params"])
+  loaded = models.load("vit", init, _save(tmp_path, sd), cfg)
+  cls_logits, dist_logits = _timm_forward(sd, nchw, distilled_training=True)
+  logits, aux = model.apply({"params": loaded}, images, train=True)
+  np.testing.assert_allclose(logits, cls_logits, atol=1e-5)
+  np.testing.assert_allclose(aux["logits_dist"], dist_logits, atol=1e-5)
+  logits, aux = model.apply({"params": loaded}, images, train=False)
+  np.testing.assert_allclose(logits, (cls_logits + dist_logits) / 2, atol=1e-5)
+  np.testing.assert_allclose(aux["logits_cls"], cls_logits, atol=1e-5)
+  np.testing.assert_allclose(aux["logits_dist"], dist_logits, atol=1e-5)
+  # The position entries of cls and dist (the first two of 18) are folded into the tokens.
+  np.testing.assert_allclose(loaded["cls"], sd["cls_token"] + sd["pos_embed"][:, :1])
+  np.testing.assert_allclose(loaded["dist"], sd["dist_token"] + sd["pos_embed"][:, 1:2])
+  np.testing.assert_array_equal(loaded["pos_embedding"], sd["pos_embed"][:, 2:])
+
+
+def test_distilled_deit_other_class_count_gives_fresh_heads(tmp_path):
+  sd = _timm_state(_Random(32), dist=True, classes=1000)
+  model = vit.Model(num_classes=CLASSES, **CFG, pool_type="tok", distill_token=True)
+  init = jax.device_get(model.init(jax.random.key(0), _images()[0])["params"])
+  loaded = models.load("vit", init, _save(tmp_path, sd), {})
+  for head in ("head", "head_dist"):
+    np.testing.assert_array_equal(loaded[head]["kernel"], init[head]["kernel"])
+  np.testing.assert_allclose(loaded["dist"], sd["dist_token"] + sd["pos_embed"][:, 1:2])
+
+
+@pytest.mark.parametrize("dist_in_file", [True, False])
+def test_distill_token_mismatch_names_the_field(tmp_path, dist_in_file):
+  """A distilled DeiT into a model without distill_token (dropping the token would change
+  every feature), or the other way round: one line naming distill_token."""
+  sd = _timm_state(_Random(33), dist=dist_in_file)
+  message = _one_line_error(_load(tmp_path, sd, pool_type="tok",
+                                  distill_token=not dist_in_file))
+  if dist_in_file:
+    assert message.startswith(f"the '{tmp_path}/model.safetensors' has a distillation token")
+    assert "set config.model.distill_token=True to load it" in message
+  else:
+    assert "has no distillation token: set config.model.distill_token=False" in message
 
 
 @pytest.mark.parametrize("state_kw, cfg, expected", [

@@ -9,6 +9,9 @@ Label smoothing is y * (1 - ls) + ls / K for both losses: for softmax it is the
 usual one; for sigmoid it equals timm's BinaryCrossEntropy (off = ls / K,
 on = 1 - ls + ls / K). Class weights w [K] multiply each class's term.
 
+Distillation losses (`distillation(name)`, `configs.DISTILL_LOSSES`) also take the
+student's outputs as a dict and the teacher's logits; see `_DISTILL_LOSSES`.
+
 Names (`configs.LOSSES`) and class weights are checked by `vitcls.validate`, the label
 counts of "balanced" weights by `validate.check_class_counts`; not again here.
 """
@@ -82,12 +85,64 @@ def distill_kl(student, teacher_logits, labels, *, temperature=1.0, weight=1.0,
   return kl_to_teacher(student["logits"], teacher_logits, temperature)
 
 
+def _dist_logits(student):
+  """What the distillation term reads: the distillation head's logits, else the cls head's."""
+  return student.get("logits_dist", student["logits"])
+
+
+def distill_soft_hard(student, teacher_logits, labels, *, temperature=1.0, weight=0.5,
+                      label_smoothing=0.0):
+  """Hinton et al. 2015: (1 - w) CE(s, smooth(y)) + w T^2 KL(softmax(t/T) || softmax(s/T)).
+
+  Both terms on the student's "logits" (a distillation head, if any, is not used); the KL
+  is per example, summed over classes (big_vision's `distance.dist(kind="kl")`).
+  """
+  logits = student["logits"]
+  hard = softmax_xent(logits, labels, label_smoothing=label_smoothing)
+  return (1.0 - weight) * hard + weight * kl_to_teacher(logits, teacher_logits, temperature)
+
+
+def distill_deit_hard(student, teacher_logits, labels, *, temperature=1.0, weight=0.5,
+                      label_smoothing=0.0):
+  """DeiT's hard distillation (Touvron et al. 2021; deit/losses.py, type 'hard'):
+  (1 - w) CE(cls head, smooth(y)) + w CE(dist head, onehot(argmax t)).
+
+  The teacher's argmax target is not smoothed (DeiT's plain `F.cross_entropy`) and the
+  temperature is not used (DeiT ignores tau here). Without a distillation head
+  ("logits_dist") both terms read "logits". DeiT's defaults: w (alpha) 0.5.
+  """
+  del temperature
+  hard = softmax_xent(student["logits"], labels, label_smoothing=label_smoothing)
+  teacher = jax.nn.one_hot(jnp.argmax(teacher_logits, axis=-1), teacher_logits.shape[-1],
+                           dtype=jnp.float32)
+  return (1.0 - weight) * hard + weight * softmax_xent(_dist_logits(student), teacher)
+
+
+def distill_deit_soft(student, teacher_logits, labels, *, temperature=1.0, weight=0.5,
+                      label_smoothing=0.0):
+  """DeiT's soft distillation (deit/losses.py, type 'soft'):
+  (1 - w) CE(cls head, smooth(y)) + w T^2 KL(softmax(t/T) || softmax(dist head/T)) / K.
+
+  DeiT sums the KL over batch and classes and divides by `outputs_kd.numel()` = B K (its
+  "legacy PyTorch behaviour", deit issue 61), so the per-example term here is divided by
+  K: the batch mean equals DeiT's loss. "soft_hard" is the same mixture without the 1/K
+  (per-example KL, as Hinton and big_vision). DeiT's defaults: w (alpha) 0.5, T (tau) 1.
+  """
+  hard = softmax_xent(student["logits"], labels, label_smoothing=label_smoothing)
+  kl = kl_to_teacher(_dist_logits(student), teacher_logits, temperature)
+  return (1.0 - weight) * hard + weight * kl / teacher_logits.shape[-1]
+
+
 # configs.DISTILL_LOSSES: each distillation loss by name. Every one maps
 # (student: dict with "logits" [B, K] and, with a distillation token, "logits_dist";
-#  teacher_logits [B, K]; labels [B, K] (smoothed/mixed as the step made them);
-#  temperature, weight (the teacher's share), label_smoothing) -> per-example [B].
+#  teacher_logits [B, K] (stop-gradient'ed by the caller); labels [B, K] (one-hot, soft or
+#  mixed; `label_smoothing` is applied here, to the hard-label CE terms only);
+#  temperature, weight (the teacher's share), label_smoothing) -> per-example [B] float32.
 _DISTILL_LOSSES = {
     "kl": distill_kl,
+    "soft_hard": distill_soft_hard,
+    "deit_hard": distill_deit_hard,
+    "deit_soft": distill_deit_soft,
 }
 
 

@@ -10,15 +10,17 @@ the original's): register tokens (`num_registers`, DINOv2-reg), LayerScale
 (`layer_scale_init`, DeiT-III, DINOv2), a SwiGLU MLP (`mlp_type`, DINOv2-g), exact GELU
 (`gelu_approximate=False`, timm and Hugging Face), no q/k/v bias (`qkv_bias`), a class
 token with any pooling (`class_token`), the MAP head's own size (`map_num_heads`,
-`map_mlp_dim`) and the LayerNorm epsilon (`layer_norm_eps`). `load` reads their
-checkpoints: `.npz` (big_vision, incl. the `img/` tower of a SigLIP two-tower file) here,
-timm / Hugging Face `.safetensors` through `vitcls.models.vit_torch`.
+`map_mlp_dim`), the LayerNorm epsilon (`layer_norm_eps`) and DeiT's distillation token and
+head (`distill_token`). `load` reads their checkpoints: `.npz` (big_vision, incl. the
+`img/` tower of a SigLIP two-tower file) here, timm / Hugging Face `.safetensors` through
+`vitcls.models.vit_torch`.
 
 `apply({'params': p}, images, train=...)` takes NHWC images in [-1, 1] and returns
 `(logits, aux)`; aux holds "stem" (patch grid), "encoded" (all tokens after the final
-LayerNorm: the cls token first when there is one, then the registers, then the patches)
-and "pre_logits" (what the head sees). Logits and aux features are float32 whatever
-`dtype` computes in.
+LayerNorm: the cls token first when there is one, then the distillation token, then the
+registers, then the patches) and "pre_logits" (what the head sees); with a distillation
+token also "logits_cls" and "logits_dist" (see `Model`). Logits and aux features are
+float32 whatever `dtype` computes in.
 """
 
 import math
@@ -57,7 +59,7 @@ FIELD_RULES = {
     "pool_type": POOL_TYPES, "dropout": "rate", "stoch_depth": "rate",
     "weight_init": WEIGHT_INITS, "mlp_type": MLP_TYPES, "gelu_approximate": (True, False),
     "qkv_bias": (True, False), "class_token": (True, False), "map_num_heads": "positive",
-    "map_mlp_dim": "positive",
+    "map_mlp_dim": "positive", "distill_token": (True, False),
 }
 
 
@@ -393,6 +395,16 @@ class Model(nn.Module):
     transformers' ViT outputs to 1e-5).
   map_num_heads / map_mlp_dim: the MAP head's heads and MLP width (default: the encoder's,
     as big_vision, timm and Hugging Face SigLIP towers have them).
+  distill_token: DeiT's distillation token (Touvron et al. 2021), param `dist` (1, 1, width),
+    right after the cls token ([cls, dist, reg..., patches]) and, like it, with no position
+    embedding (a file's entry for it is folded into it on load); its output feeds a second
+    head `head_dist` (initialised as `head`). Needs pool_type="tok". train=True returns the
+    cls head's logits (what the label loss trains) with aux "logits_dist" for the
+    distillation loss (`vitcls.losses`, "deit_*"); train=False returns their mean (DeiT's
+    and timm's evaluation). aux has "logits_cls" and "logits_dist" either way, and
+    "pre_logits" is the mean of the two tokens' features (timm's
+    `forward_head(pre_logits=True)`). `dist` starts trunc_normal(.02) under either
+    weight_init (DeiT's; a zero token would start equal to big_vision's zero cls).
   rep_size: int adds Dense(rep_size)+tanh ("pre_logits") before the head; True = width.
   dropout: after the position embedding and in every block (attention output, MLP).
   stoch_depth: drop-path on each residual branch, per example, rate linear in depth from 0
@@ -440,6 +452,7 @@ class Model(nn.Module):
   map_num_heads: Optional[int] = None
   map_mlp_dim: Optional[int] = None
   layer_norm_eps: float = 1e-6
+  distill_token: bool = False
 
   def has_class_token(self) -> bool:
     """Whether the model has a `cls` token: `class_token`, else pool_type == "tok"."""
@@ -475,6 +488,9 @@ class Model(nn.Module):
     if self.pool_type == "tok" and not self.has_class_token():
       raise ValueError("pool_type='tok' reads the class token: set class_token=True (or "
                        "None), or pool_type 'gap' or 'map'")
+    if self.distill_token and self.pool_type != "tok":
+      raise ValueError(f"distill_token=True needs pool_type='tok' (DeiT's heads read the cls "
+                       f"and distillation tokens), got pool_type={self.pool_type!r}")
     if (isinstance(self.num_registers, bool) or not isinstance(self.num_registers, int)
         or self.num_registers < 0):
       raise ValueError(f"num_registers must be an integer >= 0, got {self.num_registers!r}")
@@ -528,6 +544,8 @@ class Model(nn.Module):
       cls = self.param("cls", trunc_normal(0.02) if timm else nn.initializers.zeros,
                        (1, 1, width), jnp.float32)
       prefix.append(cls)
+    if self.distill_token:
+      prefix.append(self.param("dist", trunc_normal(0.02), (1, 1, width), jnp.float32))
     if self.num_registers:
       prefix.append(self.param("reg", nn.initializers.normal(stddev=1e-6),
                                (1, self.num_registers, width), jnp.float32))
@@ -546,9 +564,9 @@ class Model(nn.Module):
             x, deterministic=not train)
     out["encoded"] = x.astype(jnp.float32)
 
-    num_prefix = int(self.has_class_token()) + self.num_registers
+    num_prefix = int(self.has_class_token()) + int(self.distill_token) + self.num_registers
     if self.pool_type == "tok":
-      x = x[:, 0]
+      x = x[:, :2] if self.distill_token else x[:, 0]  # [cls, dist] share pre_logits.
     elif self.pool_type == "gap":
       x = jnp.mean(x[:, num_prefix:] if num_prefix else x, axis=1)
     else:
@@ -563,14 +581,22 @@ class Model(nn.Module):
     if rep_size:
       x = nn.tanh(nn.Dense(rep_size, dtype=dtype, param_dtype=jnp.float32,
                            name="pre_logits", **dense_init)(x))
-    out["pre_logits"] = x.astype(jnp.float32)
+    features = x.astype(jnp.float32)
+    out["pre_logits"] = jnp.mean(features, axis=1) if self.distill_token else features
 
-    if self.num_classes:
-      init = dense_init.get("kernel_init", nn.initializers.lecun_normal())
-      init = nn.initializers.zeros if self.head_zeroinit else init
-      x = nn.Dense(self.num_classes, dtype=dtype, param_dtype=jnp.float32,
-                   kernel_init=init, bias_init=nn.initializers.zeros, name="head")(x)
-    logits = x.astype(jnp.float32)
+    if not self.num_classes:
+      out["logits"] = out["pre_logits"]
+      return out["pre_logits"], out
+    init = dense_init.get("kernel_init", nn.initializers.lecun_normal())
+    init = nn.initializers.zeros if self.head_zeroinit else init
+    head = lambda name, y: nn.Dense(  # noqa: E731
+        self.num_classes, dtype=dtype, param_dtype=jnp.float32, kernel_init=init,
+        bias_init=nn.initializers.zeros, name=name)(y).astype(jnp.float32)
+    if not self.distill_token:
+      out["logits"] = head("head", x)
+      return out["logits"], out
+    out["logits_cls"], out["logits_dist"] = head("head", x[:, 0]), head("head_dist", x[:, 1])
+    logits = out["logits_cls"] if train else (out["logits_cls"] + out["logits_dist"]) / 2
     out["logits"] = logits
     return logits, out
 
@@ -581,8 +607,9 @@ def _to_current_layout(params: dict) -> dict:
   vision_transformer's pre-linen names (`MultiHeadDotProductAttention_1`, `MlpBlock_3`,
   `LayerNorm_2`) are renumbered per module type by flax's own converter; its position
   embedding moves from `Transformer/posembed_input` (or `Transformer/`) to the top level;
-  and an N+1 embedding whose first entry belongs to the cls token is folded into `cls`
-  (the model adds the cls token after the position embedding, so logits are unchanged).
+  and an N+1 embedding whose first entry belongs to the cls token (N+2: cls, then a
+  distillation token `dist`) is folded into those tokens (the model adds them after the
+  position embedding, so logits are unchanged).
   """
   from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
   params = checkpoints.convert_pre_linen(params)
@@ -597,11 +624,13 @@ def _to_current_layout(params: dict) -> dict:
     params["pos_embedding"] = inside
   pos = params.get("pos_embedding")
   if pos is not None and "cls" in params:
-    n = pos.shape[1]
-    with_cls = math.isqrt(n - 1) ** 2 == n - 1 and math.isqrt(n) ** 2 != n
-    if inside is not None or with_cls:
-      params["cls"] = params["cls"] + pos[:, :1]
-      params["pos_embedding"] = pos[:, 1:]
+    n, tokens = pos.shape[1], ["cls"] + (["dist"] if "dist" in params else [])
+    k = len(tokens)
+    with_tokens = n > k and math.isqrt(n - k) ** 2 == n - k and math.isqrt(n) ** 2 != n
+    if inside is not None or with_tokens:
+      for i, name in enumerate(tokens):
+        params[name] = params[name] + pos[:, i:i + 1]
+      params["pos_embedding"] = pos[:, k:]
   return params
 
 
@@ -670,7 +699,8 @@ def _first_block(tree: dict) -> dict:
 
 def _check_options(restored: dict, init: dict, what: str, dont_load: Sequence[str]) -> None:
   """One line naming the config field to set when the file has a part the model lacks (or
-  the other way round): registers, LayerScale, SwiGLU, q/k/v biases, cls token, MAP head."""
+  the other way round): registers, LayerScale, SwiGLU, q/k/v biases, distillation token,
+  cls token, MAP head."""
   skip = [re.compile(p) for p in dont_load]
   skipped = lambda path: any(p.fullmatch(path) for p in skip)  # noqa: E731
   fix = "set config.model.{} to load it".format
@@ -705,6 +735,12 @@ def _check_options(restored: dict, init: dict, what: str, dont_load: Sequence[st
       raise loading.CheckpointError(
           f"the '{what}' has {'' if has_bias(fb) else 'no '}query/key/value biases: "
           f"{fix(f'qkv_bias={has_bias(fb)}')}")
+  if ("dist" in restored) != ("dist" in init) and not skipped("dist"):
+    raise loading.CheckpointError(
+        f"the '{what}' has a distillation token and head (DeiT distilled): set "
+        f"config.model.distill_token=True to load it" if "dist" in restored else
+        f"the '{what}' has no distillation token: set config.model.distill_token=False, or "
+        f"add 'dist' and 'head_dist/.*' to config.model_load.dont_load to train fresh ones")
   if "cls" in init and "cls" not in restored and not skipped("cls"):
     raise loading.CheckpointError(
         f"the '{what}' has no class token: set config.model.class_token=False and "
@@ -727,10 +763,11 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
   Adapting: blocks stacked or split to match `model_cfg.scan`; the position embedding
   resampled to the model's patch grid (bilinear, `resample_posemb`); `pre_logits` dropped
   when the model has no `rep_size` (the head, trained on its output, is then fresh too);
-  the head kept from `init_params` when its shape differs (another class count) or
-  `dont_load` names it. A file with registers, LayerScale, a SwiGLU MLP, q/k/v biases, a
-  cls token or a MAP head the model's config does not match is one CheckpointError naming
-  the config field to set; any other mismatch one naming the parameter and both shapes.
+  the head (and `head_dist`) kept from `init_params` when its shape differs (another class
+  count) or `dont_load` names it. A file with registers, LayerScale, a SwiGLU MLP, q/k/v
+  biases, a cls token, a distillation token or a MAP head the model's config does not
+  match is one CheckpointError naming the config field to set; any other mismatch one
+  naming the parameter and both shapes.
   """
   what = loading.describe(checkpoint, origin)
   restored = loading.read_params(checkpoint)
@@ -752,11 +789,12 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
     restored = _to_current_layout(_image_tower(restored))
   restored = _match_scan(restored, bool(model_cfg.get("scan", False)))
   _check_options(restored, init_params, what, dont_load)
-  fresh = [r"head/.*"]
+  fresh = [r"head/.*", r"head_dist/.*"]
   if "pre_logits" in restored and "pre_logits" not in init_params:
     logging.info("Dropping pre_logits of %s: the model has no rep_size.", what)
     del restored["pre_logits"]
     restored.pop("head", None)
+    restored.pop("head_dist", None)
   if "pos_embedding" in restored and "pos_embedding" in init_params:
     restored["pos_embedding"] = resample_posemb(restored["pos_embedding"],
                                                 np.shape(init_params["pos_embedding"])[1])
@@ -767,9 +805,9 @@ def layer_ids(params) -> tuple[dict, int]:
   """Each parameter's layer for layer-wise lr decay (`config.layer_decay`), and the top L.
 
   BEiT's numbering (`get_num_layer_for_vit` in its fine-tuning code), which DeiT-III and
-  DINOv2 fine-tuning reuse: the patch embedding, position embedding, cls and register
-  tokens are layer 0, block i is layer i+1, everything after the blocks (final norm, MAP
-  head, pre_logits, head) is layer L = depth+1, so the optimiser's factor
+  DINOv2 fine-tuning reuse: the patch embedding, position embedding, cls, distillation and
+  register tokens are layer 0, block i is layer i+1, everything after the blocks (final
+  norm, MAP head, pre_logits, head, head_dist) is layer L = depth+1, so the optimiser's factor
   `layer_decay ** (L - id)` is 1 at the head. Stacked (`scan`) blocks get an int array of
   shape (depth,): one layer per slice along their leading axis.
   """
@@ -793,7 +831,7 @@ def layer_ids(params) -> tuple[dict, int]:
       ids[name] = {k: _constant_tree(v, block_id(k)) for k, v in sub.items()}
     else:
       ids[name] = _constant_tree(
-          sub, 0 if name in ("embedding", "pos_embedding", "cls", "reg") else top)
+          sub, 0 if name in ("embedding", "pos_embedding", "cls", "dist", "reg") else top)
   return ids, top
 
 

@@ -13,17 +13,21 @@ as vitcls names it (`_TARGETS`):
   attention output (D, D)     -> `out` kernel (heads, D/heads, D)
   patch Conv2d (O, I, kh, kw) -> `embedding` kernel (kh, kw, I, O)
   position embedding          -> `pos_embedding` of the patches only; the entries of the
-                                 cls (and register) tokens, where the file has them, are
-                                 added to those tokens (the model adds no position to them)
+                                 cls (distillation, register) tokens, where the file has
+                                 them, are added to those tokens (the model adds no
+                                 position to them)
 
 Layouts: timm `VisionTransformer` (AugReg `vit_*`, `deit_*`, `deit3_*` (also the original
 `gamma_1`), DINOv2 `vit_*_dinov2` / `*_reg4_dinov2` (also the original DINOv2 files:
-`register_tokens`, `mlp.w12`/`w3`), SigLIP `vit_*_siglip_*` with `attn_pool`), and
-Hugging Face transformers `ViTModel` / `ViTForImageClassification` (`vit.`),
-`Dinov2Model` (`dinov2.`), `Dinov2WithRegistersModel` (`dinov2_with_registers.`) and
-`SiglipVisionModel` / `SiglipModel` / `SiglipForImageClassification` (`vision_model.`; the
-text tower is dropped). Anything else, a distilled DeiT, or a tensor vitcls's ViT has no
-place for is one `loading.CheckpointError` line naming it and the fix.
+`register_tokens`, `mlp.w12`/`w3`), SigLIP `vit_*_siglip_*` with `attn_pool`), timm's
+distilled DeiT `deit_*_distilled_*` (`dist_token`, `head_dist`: into `distill_token=True`),
+and Hugging Face transformers `ViTModel` / `ViTForImageClassification` (`vit.`),
+`DeiTModel` / `DeiTForImageClassification(WithTeacher)` (`deit.`; `distillation_token`,
+`cls_classifier`, `distillation_classifier`), `Dinov2Model` (`dinov2.`),
+`Dinov2WithRegistersModel` (`dinov2_with_registers.`) and `SiglipVisionModel` /
+`SiglipModel` / `SiglipForImageClassification` (`vision_model.`; the text tower is
+dropped). Anything else, or a tensor vitcls's ViT has no place for, is one
+`loading.CheckpointError` line naming it and the fix.
 """
 
 from __future__ import annotations
@@ -39,14 +43,16 @@ from vitcls.models import loading
 
 _B = r"(?P<i>\d+)"  # A block number.
 _WB = r"(?P<p>weight|bias)"
-# Canonical names: patch.{weight,bias}, cls, reg, pos, blocks.I.{norm1,q,k,v,out,norm2,
-# fc1,fc2}.{weight,bias}, blocks.I.ls{1,2}, norm.*, pool.{probe,q,k,v,out,norm,fc1,fc2}.*,
-# pre_logits.*, head.*. A rule is (regex fully matching a source name, canonical name with
-# the regex's groups, parts): parts splits the tensor in equal pieces along axis 0, one
-# per name (`{}` in the canonical name); None as canonical name drops the tensor.
+# Canonical names: patch.{weight,bias}, cls, dist, reg, pos, blocks.I.{norm1,q,k,v,out,
+# norm2,fc1,fc2}.{weight,bias}, blocks.I.ls{1,2}, norm.*, pool.{probe,q,k,v,out,norm,fc1,
+# fc2}.*, pre_logits.*, head.*, head_dist.*. A rule is (regex fully matching a source
+# name, canonical name with the regex's groups, parts): parts splits the tensor in equal
+# pieces along axis 0, one per name (`{}` in the canonical name); None as canonical name
+# drops the tensor.
 _TIMM = (
     (r"patch_embed\.proj\." + _WB, "patch.{p}"),
     (r"cls_token", "cls"),
+    (r"dist_token", "dist"),  # Distilled DeiT (VisionTransformerDistilled).
     (r"reg_token|register_tokens", "reg"),
     (r"pos_embed", "pos"),
     (r"mask_token", None),  # DINOv2's masked-image-modelling token: unused at inference.
@@ -65,10 +71,12 @@ _TIMM = (
     (r"attn_pool\.mlp\.(?P<f>fc[12])\." + _WB, "pool.{f}.{p}"),
     (r"pre_logits\.fc\." + _WB, "pre_logits.{p}"),
     (r"head\." + _WB, "head.{p}"),
+    (r"head_dist\." + _WB, "head_dist.{p}"),
 )
 _HF_LAYER = r"encoder\.layer\." + _B
-_HF_VIT = (  # ViT and DINOv2 (with registers) share the embeddings and the attention.
+_HF_VIT = (  # ViT, DeiT and DINOv2 (+registers) share the embeddings and the attention.
     (r"embeddings\.cls_token", "cls"),
+    (r"embeddings\.distillation_token", "dist"),  # DeiT.
     (r"embeddings\.register_tokens", "reg"),
     (r"embeddings\.position_embeddings", "pos"),
     (r"embeddings\.mask_token", None),
@@ -86,7 +94,8 @@ _HF_VIT = (  # ViT and DINOv2 (with registers) share the embeddings and the atte
      "blocks.{i}.fc2.{p}"),
     (r"layernorm\." + _WB, "norm.{p}"),
     (r"pooler\.dense\." + _WB, "pre_logits.{p}"),  # ViTModel's tanh pooler.
-    (r"classifier\." + _WB, "head.{p}"),
+    (r"(?:cls_)?classifier\." + _WB, "head.{p}"),
+    (r"distillation_classifier\." + _WB, "head_dist.{p}"),  # DeiT...WithTeacher.
 )
 _HF_SIGLIP_LAYER = r"encoder\.layers\." + _B
 _HF_SIGLIP = (
@@ -124,6 +133,8 @@ _LAYOUTS = (
            ("vit.", ""), _HF_VIT, True, 1e-12),
     Layout("Hugging Face DINOv2", "embeddings.patch_embeddings.projection.weight",
            ("dinov2.", "dinov2_with_registers.", ""), _HF_VIT, True),
+    Layout("Hugging Face DeiT", "embeddings.patch_embeddings.projection.weight", ("deit.",),
+           _HF_VIT, True, 1e-12),
     Layout("Hugging Face SigLIP", "embeddings.patch_embedding.weight",
            ("vision_model.", ""), _HF_SIGLIP, False),
 )
@@ -146,7 +157,7 @@ _UNSUPPORTED = (
     (r".*attn_pool\.pos_embed", "a position embedding in the attention pool"),
 )
 WHAT_LOADS = ("vit loads timm ViT (vit_*, deit_*, deit3_*, *_dinov2, *_siglip_*) and "
-              "Hugging Face ViT / DINOv2 / SigLIP vision state dicts")
+              "Hugging Face ViT / DeiT / DINOv2 / SigLIP vision state dicts")
 
 
 def _error(message: str) -> loading.CheckpointError:
@@ -156,12 +167,6 @@ def _error(message: str) -> loading.CheckpointError:
 def detect(state: Mapping[str, np.ndarray], what: str) -> tuple[Layout, str]:
   """(layout, prefix) of a flat dotted state dict; CheckpointError for anything else."""
   keys = set(state)
-  if any(k == "dist_token" or k.endswith("embeddings.distillation_token")
-         or k.startswith(("head_dist.", "distillation_classifier.")) for k in keys):
-    raise _error(
-        f"'{what}' is a distilled DeiT (a distillation token and a second head): vitcls's "
-        f"ViT has no distillation token, and dropping it would change every feature; load "
-        f"the non-distilled deit_* / deit3_* weights instead")
   for prefixes, name in _OTHERS:  # Before the layouts: a Swin has timm's patch_embed too.
     if all(any(k.startswith(p) for k in keys) for p in prefixes):
       raise _error(f"'{what}' is {name}, not a ViT: {WHAT_LOADS}; pass one of those, or "
@@ -265,31 +270,33 @@ def _is_square(n: int) -> bool:
 
 
 def fold_posemb(c: dict, grid_size: Optional[int], what: str) -> None:
-  """Moves the position entries of the cls / register tokens (if `pos` has them) onto the
-  tokens, leaving `pos` with the patches only. Which entries the file has is read from
-  its length: all prefix tokens (timm's default, original ViT), the cls token only
-  (DINOv2, Hugging Face) or none (timm's `no_embed_class`: DeiT-III, DINOv2-reg, SigLIP);
-  when two readings give square grids, the one of the model's grid (`grid_size`) wins."""
+  """Moves the position entries of the cls / distillation / register tokens (if `pos` has
+  them; in that order) onto the tokens, leaving `pos` with the patches only. Which entries
+  the file has is read from its length: all prefix tokens (timm's default, original ViT),
+  the class tokens only (cls and, in a distilled DeiT, dist: DINOv2, Hugging Face) or none
+  (timm's `no_embed_class`: DeiT-III, DINOv2-reg, SigLIP); when two readings give square
+  grids, the one of the model's grid (`grid_size`) wins."""
   if "pos" not in c:
     return
   pos = c["pos"]
   if pos.ndim == 2:  # Hugging Face SigLIP: an nn.Embedding (N, D).
     pos = pos[None]
-  num_cls = 1 if "cls" in c else 0
-  num_reg = c["reg"].shape[1] if "reg" in c else 0
+  tokens = [(name, c[name].shape[1]) for name in ("cls", "dist", "reg") if name in c]
+  num_cls = sum(n for name, n in tokens if name != "reg")
+  num_reg = sum(n for name, n in tokens if name == "reg")
   options = list(dict.fromkeys((num_cls + num_reg, num_cls, 0)))
   fits = [k for k in options if _is_square(pos.shape[1] - k)]
   if not fits:
     raise _error(f"the position embedding of '{what}' has {pos.shape[1]} entries: not a "
-                 f"square grid of patches after its {num_cls} cls and {num_reg} register "
+                 f"square grid of patches after its {num_cls} class and {num_reg} register "
                  f"tokens; pass a ViT of square patch grid")
   if grid_size is not None and len(fits) > 1:
     fits = [k for k in fits if pos.shape[1] - k == grid_size] or fits
-  k = fits[0]
-  if k >= 1 and num_cls:
-    c["cls"] = c["cls"] + pos[:, :1]
-  if k > num_cls:
-    c["reg"] = c["reg"] + pos[:, num_cls:k]
+  k, start = fits[0], 0
+  for name, n in tokens:  # k is a sum of leading groups: each is folded whole or not.
+    if start + n <= k:
+      c[name] = c[name] + pos[:, start:start + n]
+      start += n
   c["pos"] = pos[:, k:]
 
 
@@ -307,7 +314,8 @@ def to_tree(c: Mapping[str, np.ndarray], num_heads: int, map_num_heads: int,
     flat["embedding/kernel"] = w.transpose(2, 3, 1, 0)
   if "patch.bias" in c:
     flat["embedding/bias"] = c["patch.bias"]
-  for name, dst in (("cls", "cls"), ("reg", "reg"), ("pos", "pos_embedding")):
+  for name, dst in (("cls", "cls"), ("dist", "dist"), ("reg", "reg"),
+                    ("pos", "pos_embedding")):
     if name in c:
       flat[dst] = c[name]
   for i in sorted({int(k.split(".")[1]) for k in c if k.startswith("blocks.")}):
@@ -341,6 +349,7 @@ def to_tree(c: Mapping[str, np.ndarray], num_heads: int, map_num_heads: int,
                  "fresh.", what)
   else:
     flat.update(_simple(c, "head", "head", "linear"))
+  flat.update(_simple(c, "head_dist", "head_dist", "linear"))
   return loading.unflatten(flat)
 
 
@@ -353,7 +362,8 @@ def convert(state: Mapping[str, np.ndarray], num_heads: int,
   which the file does not record and its q/k/v kernels are split by. grid_size: the
   model's number of patches, to read an ambiguous position embedding (see `fold_posemb`).
   The tree has per-block `encoderblock_i`, a patches-only `pos_embedding` and whatever the
-  file has of cls, registers, LayerScale, MAP head, pre_logits and head; fitting it to a
+  file has of cls, dist, registers, LayerScale, MAP head, pre_logits, head and head_dist
+  (a distilled DeiT's); fitting it to a
   model (scan, resampling, fresh head, config checks) is `vit.load`'s.
   """
   layout, prefix = detect(state, what)
