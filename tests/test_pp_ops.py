@@ -346,7 +346,9 @@ def test_magnitude_maps_to_big_visions_arguments():
     assert any(same(r, plus) for r in results) and any(same(r, minus) for r in results)
   for m, bits in ((10, 4), (5, 2), (1, 1), (20, 8)):
     assert same(outs("Posterize", m, [0])[0], ra.posterize(img, bits))
-  assert same(outs("Solarize", 10, [0])[0], img)  # Threshold 256: big_vision's quirk.
+  # Threshold 256, cast to uint8 by TF as big_vision passes it: 0, every pixel inverted.
+  assert same(outs("Solarize", 10, [0])[0], 255 - img)
+  assert same(outs("Solarize", 15, [0])[0], ra.solarize(img, 128))
   assert same(outs("Solarize", 5, [0])[0], ra.solarize(img, 128))
   assert same(outs("SolarizeAdd", 10, [0])[0], ra.solarize_add(img, 110))
   for name in ("Color", "Contrast", "Brightness", "Sharpness"):

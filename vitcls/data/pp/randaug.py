@@ -16,8 +16,9 @@ from TF's EfficientNet RandAugment), so a big_vision recipe's randaug means the 
   Sharpness
   Posterize         keep int(4 m/10) bits: 4 at m=10, fewer (stronger) below; 0 bits
                     (m < 2.5) is taken as 1, as TF's clamped shifts do in big_vision
-  Solarize          invert pixels >= int(256 m/10): at m=10 the threshold is 256 and
-                    nothing changes (stronger at lower m) -- big_vision's mapping, kept
+  Solarize          invert pixels >= int(256 m/10) % 256: big_vision compares the uint8
+                    image with the Python int, which TF casts to uint8 modulo 256, so at
+                    m=10 the threshold is 0 and every pixel is inverted (m=15: 128)
   SolarizeAdd       add int(110 m/10) to pixels < 128, clipped at 255
   Cutout            a square of side 2 int(40 m/10) centred at a uniform pixel, clipped
   AutoContrast, Equalize, Invert, Identity: no argument
@@ -263,7 +264,7 @@ LAYERS: dict[str, Layer] = {
     "Invert": lambda img, m, rng: invert(img),
     "Rotate": lambda img, m, rng: rotate(img, _signed(m / MAX_LEVEL * 30, rng)),
     "Posterize": lambda img, m, rng: posterize(img, int(m / MAX_LEVEL * 4)),
-    "Solarize": lambda img, m, rng: solarize(img, int(m / MAX_LEVEL * 256)),
+    "Solarize": lambda img, m, rng: solarize(img, int(m / MAX_LEVEL * 256) % 256),
     "SolarizeAdd": lambda img, m, rng: solarize_add(img, int(m / MAX_LEVEL * 110)),
     "Color": lambda img, m, rng: color(img, _enhance(m)),
     "Contrast": lambda img, m, rng: contrast(img, _enhance(m)),
