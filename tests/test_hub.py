@@ -161,6 +161,7 @@ def test_a_repo_with_only_pickled_weights_is_refused(cache):
                              "set config.model_name='convnext'"),
     ("deit3_small_patch16_224", "mixer", "set config.model_name='vit'"),
     ("resnetv2_50x1_bit", "vit", "set config.model_name='bit'"),
+    ("regnety_160", "vit", "set config.model_name='regnet'"),
     ("resnet50", "vit", "holds a timm 'resnet50', which no vitcls model reads"),
 ])
 def test_another_architecture_is_refused_at_validate_and_build(cache, architecture,

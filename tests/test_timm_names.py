@@ -38,6 +38,20 @@ def test_mapped_configs_have_timms_parameter_counts(name, classes, res, model_na
   assert round(count / 1e6, 2) == millions
 
 
+def test_regnety_maps_to_the_paper_variant_with_timms_parameter_count():
+  # timm's BN running statistics are buffers; vitcls's frozen BN holds them as params.
+  model_name, cfg, norm = timm_names.model_config("hf-hub:timm/regnety_160.deit_in1k")
+  assert (model_name, cfg, norm) == ("regnet", {"variant": "Y-16GF"}, timm_names.IMAGENET)
+  model = models.build(model_name, 1000, cfg)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  flat = jax.tree_util.tree_flatten_with_path(shapes["params"])[0]
+  count = sum(int(np.prod(x.shape)) for path, x in flat
+              if path[-1].key not in ("mean", "var"))
+  assert round(count / 1e6, 2) == 83.59
+  with pytest.raises(ValueError, match="'regnety_008_tv' is not one vitcls reads"):
+    timm_names.model_config("regnety_008_tv")
+
+
 def test_names_parse_and_normalisations_follow_the_weights():
   assert timm_names.architecture("hf-hub:timm/convnext_tiny.fb_in1k@main") == "convnext_tiny"
   assert timm_names.architecture("timm/vit_base_patch16_224.augreg2_in21k_ft_in1k") == (
@@ -50,7 +64,8 @@ def test_names_parse_and_normalisations_follow_the_weights():
                                                           timm_names.MINUS_ONE_TO_ONE)
   assert timm_names.model_config("vit_giant_patch14_dinov2")[1]["mlp_type"] == "swiglu"
   assert timm_names.model_config("mixer_l16_224")[1]["variant"] == "L/16"
-  for bad in ("resnet50", "deit_base_distilled_patch16_224", "vit_enormous_patch16_224"):
+  assert timm_names.model_config("deit_base_distilled_patch16_224")[1]["distill_token"]
+  for bad in ("resnet50", "vit_enormous_patch16_224"):
     with pytest.raises(ValueError, match=f"'{bad}' is not one vitcls reads"):
       timm_names.model_config(bad)
 

@@ -36,6 +36,7 @@ ARCHITECTURES = (
     (r"(vit|deit|deit3)_", "vit", "vit_*, deit_*, deit3_*"),
     (r"convnext(v2)?_", "convnext", "convnext_*, convnextv2_*"),
     (r"mixer_", "mixer", "mixer_*"),
+    (r"regnety_\d+$", "regnet", "regnety_NNN"),  # Not timm's _tv/_sgn: other widths, norms.
     (r"resnetv2_\d+x\d+_bit", "bit", "resnetv2_*_bit"),  # timm's other resnetv2 use BN.
 )
 # A Hub repo id, as huggingface_hub checks it: [namespace/]name of letters, digits and

@@ -1,16 +1,17 @@
 """timm's architecture names -> the vitcls model and config that read their weights.
 
 A timm checkpoint says what it is only by name (`vit_base_patch14_reg4_dinov2`,
-`convnext_tiny`, `mixer_b16_224`, and on the Hub `timm/<name>.<pretrained tag>`), so
-`experiments/finetune.py` turns the name into `config.model_name` and `config.model` here,
-without reading the file or the network. The sizes are those of timm's model definitions
-(`vision_transformer.py`, `convnext.py`, `mlp_mixer.py`) and of the papers; timm runs
-PyTorch's exact GELU, so the models here do too (`gelu_approximate=False`), which keeps
-their logits equal to timm's. `normalization` is the input scaling the weights were
-trained with (timm's `pretrained_cfg` mean and std), as a vitcls pp op.
+`convnext_tiny`, `mixer_b16_224`, `regnety_160`, and on the Hub
+`timm/<name>.<pretrained tag>`), so `experiments/finetune.py` turns the name into
+`config.model_name` and `config.model` here, without reading the file or the network. The
+sizes are those of timm's model definitions (`vision_transformer.py`, `convnext.py`,
+`mlp_mixer.py`, `regnet.py`) and of the papers; timm runs PyTorch's exact GELU, so the
+models here do too (`gelu_approximate=False`), which keeps their logits equal to timm's.
+`normalization` is the input scaling the weights were trained with (timm's
+`pretrained_cfg` mean and std), as a vitcls pp op.
 
-`model_config` raises ValueError in one line for a name outside these families; distilled
-DeiTs (`deit_*_distilled_*`) are refused by `vit.load` itself.
+`model_config` raises ValueError in one line for a name outside these families. Distilled
+DeiTs (`deit_*_distilled_*`) get DeiT's distillation token (`distill_token=True`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,25 @@ def architecture(name: str) -> str:
   return name.rsplit("/", 1)[-1].split(".")[0]
 
 
+def regnet_variant(flops: str) -> str:
+  """timm's `regnety_NNN` digits (NNN x 10^8 FLOPs) -> the paper's name, the variant of
+  `vitcls.models.regnet`: "002" -> "Y-200MF", "016" -> "Y-1.6GF", "160" -> "Y-16GF"."""
+  n = int(flops)
+  if n < 10:
+    return f"Y-{n * 100}MF"
+  return f"Y-{n / 10:.1f}GF" if n < 100 else f"Y-{n // 10}GF"
+
+
+def _regnet(arch: str) -> dict:
+  """regnety_NNN -> its variant; timm's _tv, _sgn and other RegNets are not RegNetY's
+  sizes (`group_min_ratio`, GroupNorm, pre-activation) and are refused."""
+  from vitcls import models  # pylint: disable=g-import-not-at-top  # Reads source: no flax.
+  m = re.fullmatch(r"regnety_(\d{3,4})", arch)
+  if not m or regnet_variant(m.group(1)) not in models.field_rules("regnet")["variant"]:
+    raise ValueError(arch)
+  return dict(variant=regnet_variant(m.group(1)))
+
+
 def _vit(arch: str) -> tuple[dict, str]:
   m = re.fullmatch(r"(vit|deit|deit3)_([a-z0-9]+)_patch(\d+)(?:_(.*))?", arch)
   if not m or m.group(2) not in VIT_SIZES:
@@ -58,7 +78,7 @@ def _vit(arch: str) -> tuple[dict, str]:
              pool_type="tok", gelu_approximate=False)
   norm = IMAGENET
   if "distilled" in rest:
-    raise ValueError(arch)
+    cfg["distill_token"] = True
   if rest.endswith("dinov2"):
     cfg["layer_scale_init"] = 1e-5
     registers = re.match(r"reg(\d+)_", rest)
@@ -92,6 +112,8 @@ def model_config(name: str) -> tuple[str, dict, str]:
       depths, dims = CONVNEXT_SIZES[m.group(2)]
       return "convnext", dict(depths=depths, dims=dims, version=2 if m.group(1) else 1), \
           IMAGENET
+    if arch.startswith("regnety_"):
+      return "regnet", _regnet(arch), IMAGENET
     m = re.fullmatch(r"mixer_([sbl])(16|32)_224", arch)
     if m:
       return "mixer", dict(variant=f"{m.group(1).upper()}/{m.group(2)}",
@@ -100,5 +122,5 @@ def model_config(name: str) -> tuple[str, dict, str]:
   except ValueError:
     raise ValueError(
         f"timm architecture '{arch}' is not one vitcls reads: vit_/deit_/deit3_ "
-        f"(AugReg, DeiT, DeiT-III, DINOv2 with or without registers, SigLIP), "
-        f"convnext_/convnextv2_ and mixer_ models are; distilled DeiTs are not") from None
+        f"(AugReg, DeiT, distilled DeiT, DeiT-III, DINOv2 with or without registers, "
+        f"SigLIP), convnext_/convnextv2_, mixer_ and regnety_NNN models are") from None
