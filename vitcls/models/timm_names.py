@@ -69,15 +69,15 @@ def _regnet(arch: str) -> dict:
 
 
 def _vit(arch: str) -> tuple[dict, str]:
-  m = re.fullmatch(r"(vit|deit|deit3)_([a-z0-9]+)_patch(\d+)(?:_(.*))?", arch)
+  m = re.fullmatch(r"(vit|deit|deit3)_([a-z0-9]+)(_distilled)?_patch(\d+)(?:_(.*))?", arch)
   if not m or m.group(2) not in VIT_SIZES:
     raise ValueError(arch)
-  family, size, patch, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4) or ""
+  family, size, patch, rest = m.group(1), m.group(2), int(m.group(4)), m.group(5) or ""
   width, depth, mlp_dim, heads = VIT_SIZES[size]
   cfg = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=patch,
              pool_type="tok", gelu_approximate=False)
   norm = IMAGENET
-  if "distilled" in rest:
+  if m.group(3):  # DeiT's distillation token and its head.
     cfg["distill_token"] = True
   if rest.endswith("dinov2"):
     cfg["layer_scale_init"] = 1e-5
