@@ -28,7 +28,7 @@ from vitcls.run import workdir as wdir
 ConfigDict = ml_collections.ConfigDict
 
 # Subtrees whose keys are validated by the component that consumes them.
-FREE_FORM = ("model", "optax", "evals", "expected")
+FREE_FORM = ("model", "optax", "evals", "expected", "distill.teacher_model")
 
 # The names a config may choose from: `vitcls.validate` checks against these before JAX
 # loads, and the code that implements them (optim, losses, sharding) is keyed by them.
@@ -36,7 +36,7 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor")
 DECAY_TYPES = ("cosine", "linear", "rsqrt", "stair", "constant")
 WD_MODES = ("times_lr", "times_schedule", "l2")
 LOSSES = ("softmax_xent", "sigmoid_xent")
-DISTILL_LOSSES = ("kl",)
+DISTILL_LOSSES = ("kl", "soft_hard", "deit_hard", "deit_soft")
 SHARDING_KINDS = ("replicate", "fsdp")
 
 
@@ -143,6 +143,32 @@ def defaults() -> ConfigDict:
   # update_lag updates late, never before step 0 (DeiT's step(epoch) after the epoch: 1).
   c.schedule.steps_per_update = 1
   c.schedule.update_lag = 0
+
+  # Knowledge distillation (Hinton et al. 2015; DeiT; function matching, Beyer et al.
+  # 2022): a frozen teacher runs inside the train step on the images the student sees
+  # (after mixup / CutMix), and `loss` compares their outputs; it replaces config.loss.
+  # Off while teacher_init is empty. The checkpoints record a digest of the teacher's
+  # weights: a run resumes only with the teacher it was trained with.
+  c.distill = ConfigDict()
+  # The teacher's weights, as model_init takes them: a vitcls workdir, an .npz or
+  # .safetensors file, or hf-hub:<repo>. Loaded whole (its head too: trained for
+  # num_classes classes), never updated, not in the checkpoints. Empty: no teacher.
+  c.distill.teacher_init = ""
+  # The teacher's model; empty: the workdir's (its config.json). Required for a file.
+  c.distill.teacher_model_name = ""
+  # Its fields, as config.model; laid over the workdir's (e.g. {"dtype": "bfloat16"}).
+  c.distill.teacher_model = ConfigDict()
+  # 0: the teacher sees the student's images at their size; else they are resized for it
+  # (bilinear, in the step) to teacher_res x teacher_res.
+  c.distill.teacher_res = 0
+  # Ops applied in the step to the student's images before the teacher (after the
+  # resize): pp ops with a JAX twin that draw nothing, e.g. a teacher trained on
+  # ImageNet-normalised inputs under a student in [-1, 1]:
+  # "value_range(0,255,-1,1)|normalize((0.485,0.456,0.406),(0.229,0.224,0.225))".
+  c.distill.teacher_pp = ""
+  c.distill.loss = "kl"  # One of DISTILL_LOSSES (vitcls.losses.distillation).
+  c.distill.temperature = 1.0  # Softmax temperature of student and teacher (> 0).
+  c.distill.weight = 1.0  # The teacher's share of the target, for losses that mix in labels.
 
   c.evals = ConfigDict()  # name -> evaluator config (see vitcls.evaluators).
   # Published results this run should reproduce, `{"<eval>/<metric>": value}`; the

@@ -19,12 +19,17 @@ It is the only gate: `vitcls.run.build` calls `check` first, and the library mod
 not check the config again. What only a built run knows is checked here too, by functions
 `build` calls with the resolved values: `check_built` (the run's length in steps, the
 optax optimiser's arguments), `check_class_counts` (class_weights "balanced") and
-`check_mesh` (a mesh on the devices present).
+`check_mesh` (a mesh on the devices present). A distillation teacher (`config.distill`) is
+checked as far as configs and files tell, before JAX loads (its workdir's config.json,
+the model and fields it names, its class count, its pp ops); what only its weights tell
+(the head's shape, a corrupt file) is checked by `vitcls.run.teacher.load`, which builds
+the teacher these helpers describe (`teacher_architecture`, `teacher_op`).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import os
 import re
@@ -137,6 +142,7 @@ def problems(config, *, num_devices: int | None = None, process_count: int = 1,
                    _model):
     check_fn(config, out)
   _evals(config, out, local_files)
+  _distill(config, out, local_files, training)
   if training:
     _model_init(config, out, local_files)
   if local_files:
@@ -354,15 +360,22 @@ def _model(c, out) -> None:
     out.append(f"config.layer_decay needs a model that numbers its layers (`layer_ids`), "
                f"which '{c.model_name}' does not: use one of {', '.join(numbered)}, or "
                f"layer_decay=1.0")
-  known = models.fields(c.model_name)
-  rules = models.field_rules(c.model_name)
-  for key, value in c.model.items():
-    if key not in known:
-      out.append(f"unknown config key 'model.{key}' for model '{c.model_name}': known "
+  _model_fields(out, "model", c.model_name, c.model)
+
+
+def _model_fields(out, key: str, model_name: str, fields) -> None:
+  """Each field of `fields` (config.<key>) known to model `model_name`, and its value
+  following the model's rule (`models.field_rules`)."""
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  known = models.fields(model_name)
+  rules = models.field_rules(model_name)
+  for field, value in fields.items():
+    if field not in known:
+      out.append(f"unknown config key '{key}.{field}' for model '{model_name}': known "
                  f"fields are {', '.join(sorted(known))}")
-    elif key in rules and value is not None:
-      _need(out, _follows(value, rules[key]), f"config.model.{key} must be "
-            f"{_rule_text(rules[key])}, got {_plain(value)!r}")
+    elif field in rules and value is not None:
+      _need(out, _follows(value, rules[field]), f"config.{key}.{field} must be "
+            f"{_rule_text(rules[field])}, got {_plain(value)!r}")
 
 
 def _defines(model_name: str, function: str) -> bool:
@@ -434,15 +447,20 @@ def _model_patch(c) -> tuple[str, tuple[int, int]] | None:
 
   A "patch" field set wins over a variant's PATCH (see `vitcls.models.field_rules`).
   """
+  return _patch_of(c.model_name, c.model)
+
+
+def _patch_of(model_name: str, fields) -> tuple[str, tuple[int, int]] | None:
+  """`_model_patch` of model `model_name` with `fields`."""
   from vitcls import models  # pylint: disable=g-import-not-at-top
-  rules = models.field_rules(c.model_name)
+  rules = models.field_rules(model_name)
   for key, rule in rules.items():
-    if rule == "patch" and c.model.get(key) is not None:
-      size = _patch(c.model[key])
+    if rule == "patch" and fields.get(key) is not None:
+      size = _patch(fields[key])
       return (key, size) if size else None
   for key, rule in rules.items():
-    if isinstance(rule, dict) and c.model.get(key) is not None:
-      size = _variant_patch(c.model[key], rule)
+    if isinstance(rule, dict) and fields.get(key) is not None:
+      size = _variant_patch(fields[key], rule)
       return (key, (size, size)) if size else None
   return None
 
@@ -482,6 +500,145 @@ def _model_init(c, out, local_files: bool) -> None:
   elif local_files and not os.path.exists(c.model_init):
     out.append(f"config.model_init: '{c.model_init}' does not exist: give an .npz or "
                f".safetensors checkpoint, a vitcls workdir, or hf-hub:<repo>")
+
+
+TEACHER_KEY = "config.distill.teacher_init"
+
+
+def teacher_op(entry) -> bool:
+  """Whether a pp op (its registry entry, None for an unknown name) may prepare the
+  teacher's input in the train step (`config.distill.teacher_pp`): one with a JAX twin
+  that draws nothing and works on the image."""
+  return (entry is not None and entry.jax_twin is not None and not entry.random
+          and not entry.label)
+
+
+def _saved_config(path) -> dict | None:
+  """The config.json of the vitcls workdir `path`, or None (not a folder, none readable)."""
+  from vitcls.run import workdir as wdir  # pylint: disable=g-import-not-at-top
+  if not (isinstance(path, str) and os.path.isdir(path)):
+    return None
+  try:
+    with open(wdir.config_path(path)) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def teacher_architecture(c) -> tuple[str, dict, dict | None]:
+  """(model name, model fields, the teacher workdir's config.json or None) of the
+  distillation teacher: `distill.teacher_model_name`, else the workdir's; the fields of
+  `distill.teacher_model` laid over the workdir's when the name is the workdir's, else on
+  their own. What `vitcls.run.teacher.load` builds."""
+  d = c.distill
+  saved = _saved_config(d.teacher_init)
+  name = d.teacher_model_name or (saved or {}).get("model_name") or ""
+  fields = dict(d.teacher_model)
+  if saved and name == saved.get("model_name"):
+    fields = {**(saved.get("model") or {}), **fields}
+  return name, fields, saved
+
+
+def as_teacher(message: str) -> str:
+  """A message about `config.model*` (the hub's, a model's `load`) as the teacher's
+  fields name it; the student-only hint of a fresh init (dont_load) left out."""
+  message = re.sub(r",? or add (it|the parameter) to config\.model_load\.dont_load to keep "
+                   r"its fresh init", "", message)
+  message = message.replace("config.model_name", "config.distill.teacher_model_name")
+  message = message.replace("config.model_init", TEACHER_KEY)
+  return re.sub(r"config\.model\b", "config.distill.teacher_model", message)
+
+
+def _distill(c, out, local_files: bool, training: bool) -> None:
+  """config.distill: its values always; with a teacher, what the config and files tell of
+  it (when training, or when a distill evaluator will run it)."""
+  d = c.distill
+  _one_of(out, "distill.loss", d.loss, configs.DISTILL_LOSSES)
+  _need(out, math.isfinite(d.temperature) and d.temperature > 0, f"config.distill."
+        f"temperature must be a finite number > 0, got {d.temperature}")
+  _need(out, 0 <= d.weight <= 1, f"config.distill.weight must be in [0, 1] (the teacher's "
+        f"share of the target), got {d.weight}")
+  _need(out, d.teacher_res >= 0, f"config.distill.teacher_res must be >= 0 (0: the "
+        f"student's image size), got {d.teacher_res}")
+  if d.teacher_pp:
+    _teacher_pp(out, d.teacher_pp)
+  evals = sorted(n for n, ev in c.evals.items()
+                 if isinstance(ev, configs.ConfigDict) and ev.get("type") == "distill")
+  if not d.teacher_init:
+    for name in evals:
+      out.append(f"config.evals.{name}: a distill evaluator compares the student with its "
+                 f"teacher, and there is none: set {TEACHER_KEY}, or use type "
+                 f"classification")
+    return
+  _need(out, c.loss == "softmax_xent", f"config.loss is {c.loss!r} but config.distill."
+        f"loss replaces it when distilling, on softmax outputs: use loss 'softmax_xent' "
+        f"(or no teacher)")
+  _need(out, c.class_weights is None, "config.class_weights: distillation losses take no "
+        "class weights: set class_weights=None (or no teacher)")
+  if training or evals:
+    _teacher(c, out, local_files)
+
+
+def _teacher(c, out, local_files: bool) -> None:
+  """The teacher's files, model, fields and class count, as far as configs tell."""
+  from vitcls.models import hub  # pylint: disable=g-import-not-at-top
+  d, key = c.distill, TEACHER_KEY
+  init = d.teacher_init
+  name, fields, saved = teacher_architecture(c)
+  if hub.is_hub(init):
+    out.extend(f"{key}: {as_teacher(p)}" for p in hub.problems(
+        init, name, local_files=local_files and bool(name)))
+  elif local_files:
+    if not os.path.exists(init):
+      out.append(f"{key}: '{init}' does not exist: give a vitcls workdir, an .npz or "
+                 f".safetensors checkpoint, or hf-hub:<repo>")
+      return
+    if os.path.isdir(init) and saved is None:
+      out.append(f"{key}: '{init}' is a folder but not a vitcls workdir (no readable "
+                 f"config.json): give the --workdir of a training run, or a checkpoint file")
+      return
+  if saved is not None and saved.get("num_classes") != c.num_classes:
+    out.append(f"{key}: the teacher in workdir '{init}' was trained for "
+               f"{saved.get('num_classes')} classes but config.num_classes is "
+               f"{c.num_classes}: a teacher must predict the student's classes: give one "
+               f"trained on them")
+  if not name:
+    if local_files or hub.is_hub(init):
+      what = "a Hub repo" if hub.is_hub(init) else "a file"
+      out.append(f"{key}: '{init}' is {what}, which does not say which vitcls model it "
+                 f"holds: set config.distill.teacher_model_name (and "
+                 f"config.distill.teacher_model)")
+    return
+  from vitcls import models  # pylint: disable=g-import-not-at-top
+  if name not in models.available():
+    source = "" if d.teacher_model_name else f" (from workdir '{init}')"
+    out.append(f"config.distill.teacher_model_name: unknown model '{name}'{source}: "
+               f"available models: {', '.join(models.available())}")
+    return
+  found = len(out)
+  _model_fields(out, "distill.teacher_model", name, fields)
+  patch = _patch_of(name, fields) if len(out) == found else None
+  res = d.teacher_res
+  if patch and res > 0 and (patch[1][0] > res or patch[1][1] > res):
+    out.append(f"config.distill.teacher_res={res}: the teacher's {patch[1][0]}x"
+               f"{patch[1][1]} patches (config.distill.teacher_model.{patch[0]}) do not fit "
+               f"in {res}x{res} images: give a teacher_res of at least {max(patch[1])}")
+
+
+def _teacher_pp(out, spec) -> None:
+  """config.distill.teacher_pp: known ops, each one that may run on the teacher's input."""
+  if not _pp(out, "distill.teacher_pp", spec):
+    return
+  from vitcls.data.pp import registry  # pylint: disable=g-import-not-at-top
+  usable = ", ".join(registry.available_ops(teacher_op))
+  for call in registry.calls(spec):
+    entry = registry.get(call.name)
+    if not teacher_op(entry):
+      why = ("draws at random" if entry.random else "works on labels" if entry.label
+             else "has no JAX version")
+      out.append(f"config.distill.teacher_pp: op '{call.text}' {why}; the teacher's input "
+                 f"is prepared in the train step by ops that draw nothing: {usable}")
 
 
 def _files(c, out) -> None:

@@ -1,16 +1,17 @@
 """Builds the pieces of a run from a resolved config: it reads the data (and the
-`model_init` weights) onto devices and jits the steps; the loop writes the files.
+`model_init` weights, and a distillation teacher's) onto devices and jits the steps; the
+loop writes the files.
 
 `build(config)` gives the mesh, data stream, model, optimiser, state shardings and the
 compiled train step: what `vitcls.train` loops over and what `benchmarks/` measure, so
-both run the same code.
+both run the same code. With `config.distill`, the teacher (`vitcls.run.teacher`) is
+loaded here, before training starts, and bound to the train step as its last argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -20,8 +21,8 @@ from vitcls import configs, losses, models, optim, sharding, state, steps, valid
 from vitcls.data import pipeline, sources
 from vitcls.data import pp as pp_lib
 from vitcls.data.pp import device as pp_device
-from vitcls.models import hub
 from vitcls.run import checkpoint
+from vitcls.run import teacher as teacher_lib
 
 
 @dataclasses.dataclass
@@ -43,6 +44,8 @@ class Run:
   device_data: dict[str, jax.Array] | None = None
   # With `input.balanced_sampling`: the training split's labels, read once by `build`.
   balanced_labels: np.ndarray | None = None
+  # With `config.distill`: the frozen teacher; `train_step` passes its params.
+  teacher: teacher_lib.Teacher | None = None
 
   @property
   def num_params(self) -> int:
@@ -62,6 +65,12 @@ class Run:
     params = models.load(c.model_name, fresh, model_init_weights(c), c.model,
                          c.model_load.dont_load, origin=c.model_init)
     return init(params)
+
+  def check_resumed(self, train_state, step: int, directory: str) -> None:
+    """Raises `teacher.TeacherError` when a restored state was trained with another
+    teacher than this run's (its `teacher_digest`); nothing to check without one."""
+    if self.teacher is not None:
+      teacher_lib.check_resumed(train_state, self.teacher, step, directory)
 
   def _index_batches(self, start_step: int, labels) -> Iterator[dict[str, jax.Array]]:
     """`input.on_device`: the example indices of each step's batch, read in this thread.
@@ -100,15 +109,9 @@ class Run:
 
 
 def model_init_weights(config):
-  """What `config.model_init` names, as `models.load` takes it: the path of an .npz or
-  .safetensors file, the local `model.safetensors` of an `hf-hub:<repo>` (resolved,
-  downloaded if needed, and its architecture checked against `config.model_name` by
-  `vitcls.models.hub`), or the newest intact params of a vitcls workdir."""
-  if hub.is_hub(config.model_init):
-    return hub.resolve(config.model_init, config.model_name).path
-  if os.path.isdir(config.model_init):
-    return checkpoint.load_params(config.model_init)
-  return config.model_init
+  """What `config.model_init` names, as `models.load` takes it (`checkpoint.weights_of`:
+  a file's path, an `hf-hub:` repo's local weights, a workdir's newest intact params)."""
+  return checkpoint.weights_of(config.model_init, config.model_name)
 
 
 class _Indices:
@@ -129,17 +132,32 @@ class _DeviceInputStep:
 
   Gathers the batch's examples, runs the device part of the pp spec, then the usual
   step, all in one jitted call; the dataset is an argument (not a constant baked into
-  the program), so compilation and the compilation cache do not depend on its size.
+  the program), so compilation and the compilation cache do not depend on its size; so
+  are the teacher's params (`extra`), when there is one.
   """
 
-  def __init__(self, jitted, data):
-    self._jitted, self._data = jitted, data
+  def __init__(self, jitted, data, extra=()):
+    self._jitted, self._data, self._extra = jitted, data, tuple(extra)
 
   def __call__(self, train_state, batch):
-    return self._jitted(train_state, self._data, batch)
+    return self._jitted(train_state, self._data, batch, *self._extra)
 
   def lower(self, train_state, batch):
-    return self._jitted.lower(train_state, self._data, batch)
+    return self._jitted.lower(train_state, self._data, batch, *self._extra)
+
+
+class _BoundStep:
+  """`train_step(state, batch)` of a jitted step that takes more arguments (the teacher's
+  params), passed on every call as arguments, never baked into the program."""
+
+  def __init__(self, jitted, extra):
+    self._jitted, self._extra = jitted, tuple(extra)
+
+  def __call__(self, train_state, batch):
+    return self._jitted(train_state, batch, *self._extra)
+
+  def lower(self, train_state, batch):
+    return self._jitted.lower(train_state, batch, *self._extra)
 
 
 def _device_data(plan: pp_lib.Plan, mesh) -> dict[str, jax.Array]:
@@ -151,21 +169,22 @@ def _device_data(plan: pp_lib.Plan, mesh) -> dict[str, jax.Array]:
           for k, v in data.items()}
 
 
-def _device_input_step(core, augment, shardings, batch_sharding, mesh):
-  def step(train_state, data, batch):
+def _device_input_step(core, augment, shardings, batch_sharding, mesh, extra_shardings=()):
+  def step(train_state, data, batch, *extra):
     examples = pp_device.gather(data, batch["_index"])
     examples = jax.lax.with_sharding_constraint(examples, batch_sharding)
     examples = augment(examples, pp_device.augmentation_key(train_state.rng,
                                                             train_state.step))
-    return core(train_state, examples)
+    return core(train_state, examples, *extra)
 
-  return jax.jit(step, in_shardings=(shardings, sharding.replicated(mesh), batch_sharding),
+  return jax.jit(step, in_shardings=(shardings, sharding.replicated(mesh), batch_sharding,
+                                     *extra_shardings),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def _finishing_on_device(core, finish):
-  def step(train_state, batch):
-    return core(train_state, finish(batch))
+  def step(train_state, batch, *extra):
+    return core(train_state, finish(batch), *extra)
   return step
 
 
@@ -186,24 +205,29 @@ def step_options(config) -> steps.StepOptions:
   return steps.StepOptions.from_config(config, weights)
 
 
-def state_and_step(config, mesh, model, image_shape, total_steps: int):
+def state_and_step(config, mesh, model, image_shape, total_steps: int, teacher=None):
   """(init_fn, abstract state carrying its shardings, the shardings, lr schedule, train step).
 
   The train step is not jitted yet. `build` and the benchmarks that time the step on
-  synthetic inputs share this, so both run the same state and step.
+  synthetic inputs share this, so both run the same state and step. With `teacher` (a
+  `vitcls.run.teacher.Teacher`), the state records its digest and the step takes its
+  params as a third argument.
   """
   options = step_options(config)
   tx, schedule = optim.make_optimizer(config, total_steps)
   init_fn = state.make_init_fn(model, tx, image_shape, config.seed,
                                ema=bool(config.ema_decay),
                                count_skips=config.skip_nonfinite_updates,
-                               head_bias=config.init_head_bias)
+                               head_bias=config.init_head_bias,
+                               teacher_digest=None if teacher is None else teacher.digest)
   abstract = jax.eval_shape(init_fn)
   shardings = sharding.tree_shardings(mesh, abstract, config.sharding_rules)
+  if teacher is not None:  # Every process reads it whole to compare on resume.
+    shardings = shardings.replace(teacher_digest=sharding.replicated(mesh))
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   return init_fn, abstract, shardings, schedule, steps.make_train_step(
-      model, tx, schedule, options)
+      model, tx, schedule, options, teacher=None if teacher is None else teacher.spec)
 
 
 def build(config) -> Run:
@@ -231,21 +255,30 @@ def build(config) -> Run:
                        optax_arguments=optim.optimizer_arguments(config.optax_name))
   model = models.build(config.model_name, config.num_classes, config.model)
   image_shape = np.shape(pp(source[0], np.random.default_rng(0))["image"])
+  teacher = None
+  if config.distill.teacher_init:
+    teacher = teacher_lib.load(config, mesh, image_shape)
   init_fn, abstract, shardings, schedule, core = state_and_step(
-      config, mesh, model, image_shape, total_steps)
+      config, mesh, model, image_shape, total_steps, teacher)
+  # The teacher's params: an argument of the step after the batch, with their shardings.
+  extra, extra_shardings = ((), ()) if teacher is None else (
+      (teacher.params,), (teacher.shardings,))
   device_data = None
   if plan.resident:
     device_data = _device_data(plan, mesh)
     train_step = _DeviceInputStep(
-        _device_input_step(core, plan.augmenter(), shardings, batch_sharding, mesh),
-        device_data)
+        _device_input_step(core, plan.augmenter(), shardings, batch_sharding, mesh,
+                           extra_shardings),
+        device_data, extra)
   else:
     if plan.device:
       core = _finishing_on_device(core, plan.finisher())
-    train_step = jax.jit(core, in_shardings=(shardings, batch_sharding),
+    train_step = jax.jit(core, in_shardings=(shardings, batch_sharding, *extra_shardings),
                          out_shardings=(shardings, sharding.replicated(mesh)),
                          donate_argnums=0)
+    if teacher is not None:
+      train_step = _BoundStep(train_step, extra)
   return Run(config=config, mesh=mesh, batch_sharding=batch_sharding, source=source, pp=pp,
              total_steps=total_steps, model=model, schedule=schedule, init_fn=init_fn,
              abstract_state=abstract, train_step=train_step, device_data=device_data,
-             balanced_labels=labels)
+             balanced_labels=labels, teacher=teacher)

@@ -321,9 +321,17 @@ def _fields_on_disk(item_dir: str, abstract_state):
   return {k: v for k, v in fields.items() if k not in absent}, absent
 
 
+# State fields a config adds or leaves out whole, and what their absence means.
+_FEATURES = {"teacher_digest": "a teacher (config.distill.teacher_init)"}
+
+
 def _fit_problem(item_dir: str, abstract_state) -> str | None:
   """How the checkpoint's arrays differ from `abstract_state`'s, or None if they match."""
   have, want = _shapes(_tree_metadata(item_dir)), _shapes(abstract_state)
+  for name, feature in _FEATURES.items():
+    if (name in have) != (name in want):
+      return (f"it was trained {'with' if name in have else 'without'} {feature}, this "
+              f"config {'has none' if name in have else 'has one'}")
   missing = sorted(set(want) - set(have))
   if missing:
     return f"{missing[0]} is not in the checkpoint ({len(missing)} arrays missing)"
@@ -391,6 +399,20 @@ def load_weights(workdir: str, step: int | None = None) -> tuple[int, dict, dict
 def load_params(workdir: str, step: int | None = None) -> dict:
   """The parameters of a workdir's checkpoint (the latest by default), as NumPy arrays."""
   return load_weights(workdir, step)[1]
+
+
+def weights_of(name: str, model_name: str):
+  """What a checkpoint name (`config.model_init`, `config.distill.teacher_init`) gives
+  `models.load`: the path of an .npz or .safetensors file, the local `model.safetensors`
+  of an `hf-hub:<repo>` (resolved, downloaded if needed, and its architecture checked
+  against `model_name` by `vitcls.models.hub`), or the newest intact params of a vitcls
+  workdir."""
+  from vitcls.models import hub  # pylint: disable=g-import-not-at-top
+  if hub.is_hub(name):
+    return hub.resolve(name, model_name).path
+  if os.path.isdir(name):
+    return load_params(name)
+  return name
 
 
 def _steps(workdir: str) -> list[int]:

@@ -1,11 +1,12 @@
 """The one evaluation runner, shared by the training loop and `vitcls.evaluate`.
 
-`Evaluations(config, ...)` builds the evaluators of `config.evals` once; `measure` puts
-each on the params, and on their EMA as `<name>_ema/...` when the run keeps one;
-`save_arrays` writes the arrays each returns (process 0) under the workdir for the
-report's plots; `run` does both. So a metric means the same thing whether it was logged
-during training or computed later on a checkpoint, and a command can show it before it
-writes anything.
+`Evaluations(config, ...)` builds the evaluators of `config.evals` once (an evaluator
+module that sets `NEEDS_TEACHER` is also given the run's distillation teacher, loaded
+here once when the caller has none); `measure` puts each on the params, and on their EMA
+as `<name>_ema/...` when the run keeps one; `save_arrays` writes the arrays each returns
+(process 0) under the workdir for the report's plots; `run` does both. So a metric means
+the same thing whether it was logged during training or computed later on a checkpoint,
+and a command can show it before it writes anything.
 """
 
 from __future__ import annotations
@@ -14,18 +15,25 @@ import jax
 
 from vitcls import evaluators
 from vitcls.run import report
+from vitcls.run import teacher as teacher_lib
 
 
 class Evaluations:
   """The evaluators of a config by name, each with its resolved `evals.<name>` config."""
 
-  def __init__(self, config, workdir: str, *, model, mesh, batch_sharding):
+  def __init__(self, config, workdir: str, *, model, mesh, batch_sharding, teacher=None):
     self.configs = {n: evaluators.resolve(n, c) for n, c in config.evals.items()}
     self.workdir = workdir
-    self._evaluators = {
-        name: evaluators.get(cfg.type).Evaluator(
-            cfg, model=model, train_config=config, mesh=mesh, batch_sharding=batch_sharding)
-        for name, cfg in self.configs.items()}
+    self._evaluators = {}
+    for name, cfg in self.configs.items():
+      module = evaluators.get(cfg.type)
+      context = dict(model=model, train_config=config, mesh=mesh,
+                     batch_sharding=batch_sharding)
+      if getattr(module, "NEEDS_TEACHER", False):
+        if teacher is None:
+          teacher = teacher_lib.load(config, mesh)
+        context["teacher"] = teacher
+      self._evaluators[name] = module.Evaluator(cfg, **context)
 
   def measure(self, params, ema=None, names=None) -> tuple[dict, dict]:
     """(`<name>/<key>` scalars, `<name>` arrays) of each named evaluator (all by default)

@@ -150,7 +150,7 @@ def _train(config, workdir: str, lock, stop: StopRequest) -> dict[str, float]:
   if jax.process_index() == 0:
     config_record.write(workdir, config, changed, resume_step, trains=start < total_steps)
   evals = evaluation.Evaluations(config, workdir, model=run.model, mesh=run.mesh,
-                                 batch_sharding=run.batch_sharding)
+                                 batch_sharding=run.batch_sharding, teacher=run.teacher)
   # clu's writers import TensorFlow: in the background, once the first step is queued.
   writer = writers.DeferredWriter(workdir, resume_step, total_steps, config.log_every)
   batches = run.batches(start)
@@ -209,9 +209,12 @@ def _build(config) -> build.Run:
 
 
 def _restore_or_init(run: build.Run, ckpt: checkpoint.Checkpointer):
-  """(step restored or None, state): the newest intact checkpoint, else the step-0 state."""
+  """(step restored or None, state): the newest intact checkpoint, else the step-0 state.
+
+  A checkpoint trained with another distillation teacher stops the run here."""
   resume_step, train_state = ckpt.restore_latest(run.abstract_state)
   if resume_step is not None:
+    run.check_resumed(train_state, resume_step, ckpt.directory)
     logging.info("Resuming from the checkpoint of step %d in %s.", resume_step,
                  ckpt.directory)
   else:

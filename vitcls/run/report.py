@@ -2,7 +2,8 @@
 
 Written at the end of every training run and by `vitcls.evaluate`: the final metrics of
 every evaluator (the latest value of each, from `metrics.jsonl`, overridden by the last
-`vitcls.evaluate` run) beside the published figures in `config.expected`, the classes an
+`vitcls.evaluate` run) beside the published figures in `config.expected`, a distilled
+student beside its teacher (the distill evaluators' numbers), the classes an
 evaluator's split had nothing of (which its per-class averages leave out), the run's
 size and speed, and the plots a reviewer looks at: loss,
 learning rate and eval curves; and, from the arrays evaluators leave in
@@ -344,6 +345,23 @@ def expected_table(expected: dict, finals: dict) -> list[str]:
   return lines + [""]
 
 
+def teacher_table(finals: dict) -> list[str]:
+  """Markdown lines setting, per distill evaluator (`<eval>/teacher_top1` among the final
+  metrics), the student's top-1 beside its teacher's, their agreement and KL."""
+  names = sorted(k[:-len("/teacher_top1")] for k in finals if k.endswith("/teacher_top1"))
+  if not names:
+    return []
+  lines = ["## Student and teacher", "",
+           "| eval | student top-1 | teacher top-1 | agreement | KL(teacher, student) | step |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for name in names:
+    cells = [finals.get(f"{name}/{k}") for k in ("top1", "teacher_top1", "agreement",
+                                                   "kl_to_teacher")]
+    shown = " | ".join("" if c is None else f"{c[1]:.4f}" for c in cells)
+    lines.append(f"| {name} | {shown} | {finals[f'{name}/teacher_top1'][0]} |")
+  return lines + [""]
+
+
 def write(workdir: str, config=None) -> str:
   """Writes the report of `workdir`; returns the path of report.md."""
   rows = wdir.read_metrics(workdir)
@@ -353,12 +371,18 @@ def write(workdir: str, config=None) -> str:
   if config is not None:
     lines += [f"- experiment: model `{config.model_name}` {dict(config.model)}",
               f"- data: `{config.input.data.name}` ({config.input.pp}), batch "
-              f"{config.input.batch_size}, seed {config.seed}", ""]
+              f"{config.input.batch_size}, seed {config.seed}"]
+    distill = config.get("distill")
+    if distill is not None and distill.teacher_init:
+      lines.append(f"- teacher: `{distill.teacher_init}`, loss `{distill.loss}` "
+                   f"(temperature {distill.temperature:g}, weight {distill.weight:g})")
+    lines.append("")
   finals = final_metrics(workdir, rows)
   if finals:
     lines += ["| metric | value | step |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v:.4f} | {s} |" for k, (s, v) in sorted(finals.items())]
     lines.append("")
+  lines += teacher_table(finals)
   artifacts = load_artifacts(workdir)
   lines += absent_classes(artifacts)
   if config is not None and config.get("expected"):
