@@ -20,11 +20,40 @@ VARIANTS = [p + ":runlocal=True" for p in EXPERIMENTS] + [
     os.path.join(REPO, "experiments", f"finetune.py:model={m},runlocal=True")
     for m in ("bit", "mixer", "convnext")] + [
     os.path.join(REPO, "experiments", f"mnist5k_models.py:model={m},runlocal=True")
-    for m in ("convnext_v2", "vit_reg")]
+    for m in ("convnext_v2", "vit_reg")] + [
+    os.path.join(REPO, "experiments", "deit_s16_i1k.py:runlocal=True,teacher=TEACHER")]
+
+
+# Experiments that take a teacher: the experiment whose runlocal run makes it. The first
+# two always distil; the others only in their variants with a `teacher=TEACHER` argument.
+DISTILLING = ("mnist5k_distill.py", "distill_bit_i1k.py")
+TEACHERS = {"mnist5k_distill.py": "mnist5k_vit.py:runlocal=True",
+            "distill_bit_i1k.py": "finetune.py:model=bit,runlocal=True",
+            "deit_s16_i1k.py": "finetune.py:runlocal=True"}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+  """Lazily trained teacher workdirs, one per teacher experiment, shared by the module."""
+  made = {}
+
+  def get(spec):
+    if spec not in made:
+      workdir = str(tmp_path_factory.mktemp("teacher"))
+      train.train(configs.resolve(configs.load_experiment(
+          os.path.join(REPO, "experiments", spec))), workdir)
+      made[spec] = workdir
+    return made[spec]
+  return get
 
 
 @pytest.mark.parametrize("spec", VARIANTS, ids=lambda s: os.path.basename(s))
-def test_experiment_runs_a_few_steps(spec, tmp_path):
+def test_experiment_runs_a_few_steps(spec, tmp_path, teachers):
+  name = os.path.basename(spec).split(":")[0]
+  if "TEACHER" in spec:
+    spec = spec.replace("TEACHER", teachers(TEACHERS[name]))
+  elif name in DISTILLING:
+    spec += f",teacher={teachers(TEACHERS[name])}"
   config = configs.resolve(configs.load_experiment(spec))
   final = train.train(config, str(tmp_path))
   assert any(k.endswith("/count") and v > 0 for k, v in final.items()), final

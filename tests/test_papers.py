@@ -225,3 +225,36 @@ def test_convnext_paper_recipe():
   assert c.evals.val.pp.startswith("decode|resize_small(256,method='bicubic')|central_crop(224)")
   assert dict(c.expected) == {"val_ema/top1": 0.821}
   assert _num_params(c) == 28_589_128  # timm's convnext_tiny: 28.59M.
+
+
+def test_deit_small_with_distillation():
+  """DeiT's distilled DeiT-S: its token, hard distillation with alpha 0.5 and tau 1
+  (main.py defaults), the RegNetY-16GF teacher (timm's regnety_160.deit_in1k), 81.2%."""
+  c = _config("deit_s16_i1k.py", "teacher=hf-hub:timm/regnety_160.deit_in1k")
+  assert c.model.distill_token and c.model.pool_type == "tok"
+  assert c.distill.teacher_init == "hf-hub:timm/regnety_160.deit_in1k"
+  assert (c.distill.teacher_model_name, c.distill.teacher_model.variant) == ("regnet",
+                                                                           "Y-16GF")
+  assert (c.distill.loss, c.distill.weight, c.distill.temperature) == ("deit_hard", 0.5, 1.0)
+  assert c.distill.teacher_res == 0 and c.distill.teacher_pp == ""  # Same view and scaling.
+  assert dict(c.expected) == {"val/top1": 0.812}
+  assert c.evals.teacher.type == "distill"
+  assert not _config("deit_s16_i1k.py").distill.teacher_init  # Without: DeiT-S, 79.8%.
+
+
+def test_distill_bit_big_vision_config():
+  """big_vision configs/proj/distill/bit_i1k.py: R152x2 -> R50x1, function matching."""
+  c = _config("distill_bit_i1k.py")
+  assert c.model_name == "bit" and (c.model.depth, c.model.width) == (50, 1)
+  assert (c.distill.teacher_model_name, c.distill.teacher_model.depth,
+          c.distill.teacher_model.width) == ("bit", 152, 2)
+  assert c.distill.teacher_init == "R152x2_T_224.npz"
+  assert (c.distill.loss, c.distill.temperature) == ("kl", 1.0)
+  assert (c.mixup.alpha, c.mixup.p) == (0.0, 1.0) and c.total_epochs == 1200
+  assert c.input.data.split == "train[:98%]" and c.input.batch_size == 4096
+  assert c.optax_name == "adamw" and c.optax.mu_dtype == "bfloat16"
+  assert c.lr == 0.03 and c.wd == 3e-4 and c.wd_mode == "times_schedule"
+  assert c.schedule.decay_type == "cosine" and c.schedule.warmup_steps == 5000
+  assert c.grad_clip_norm == 1.0
+  assert not dict(c.expected)
+  assert dict(_config("distill_bit_i1k.py", "epochs=9600").expected) == {"val/top1": 0.828}
