@@ -4,11 +4,11 @@
 
 Both steps are `vitcls.run.build.build`'s, on the default experiment's data kept on the
 device (experiments/mnist5k_vit.py, batch 128, random shifts and mixup in the step): the
-student is `experiments/mnist5k_distill.py`'s (ViT width 64, depth 2, MLP 128, patch 7),
+student is `experiments/mnist5k_distill.py`'s (ViT width 32, depth 2, MLP 64, patch 7),
 and the teacher, run inside the same jitted step on the same mixed images, is either
-`make train`'s ViT (width 128, depth 4, MLP 256: about 7x the student's forward FLOPs)
-or a copy of the student's size. The teachers' weights are fresh inits saved as `.npz`
-(what they compute does not change their cost). The steps are timed interleaved, in one
+`make train`'s ViT (width 128, depth 4, MLP 256) or a copy of the student's size. The
+teachers' weights are fresh inits saved as `.npz` (what they compute does not change
+their cost). The steps are timed interleaved, in one
 process; the headline is the step time with the larger teacher over without one.
 XLA's FLOP counts of the three programs are reported beside the times. `--tiny`: batch
 16 and smaller models, a smoke test only.
@@ -31,14 +31,14 @@ from vitcls.run import build
 NAME = "distill_cost"
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "experiments", "mnist5k_vit.py")
-STUDENT = dict(width=64, depth=2, mlp_dim=128, num_heads=2, patch_size=7, pool_type="gap",
+STUDENT = dict(width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=7, pool_type="gap",
                posemb="learn", stoch_depth=0.0)
 TEACHERS = {"large": dict(width=128, depth=4, mlp_dim=256, num_heads=4, patch_size=7,
                           pool_type="gap", posemb="learn"),
             "same": STUDENT}
-TINY = {"student": dict(STUDENT, width=32, depth=1, mlp_dim=64),
-        "large": dict(TEACHERS["large"], width=64, depth=2, mlp_dim=128, num_heads=2),
-        "same": dict(STUDENT, width=32, depth=1, mlp_dim=64)}
+TINY = {"student": dict(STUDENT, width=16, depth=1, mlp_dim=32),
+        "large": dict(TEACHERS["large"], width=32, depth=1, mlp_dim=64, num_heads=2),
+        "same": dict(STUDENT, width=16, depth=1, mlp_dim=32)}
 
 
 def _teacher_file(folder: str, fields: dict) -> str:

@@ -22,7 +22,7 @@ from benchmarks import common
 
 # In the order they run (cheap and most telling first).
 BENCHMARKS = ("loop_overhead", "mfu", "pipeline", "first_step", "predict",
-              "checkpoint_cost", "vs_timm", "scaling")
+              "checkpoint_cost", "distill_cost", "vs_timm", "scaling")
 
 
 def _arg(args: list[str], name: str, default: str | None = None) -> str | None:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitcls import configs, models
+from vitcls import configs, models, validate
 from vitcls.models import timm_names
 from conftest import REPO
 
@@ -76,5 +76,8 @@ def test_finetune_takes_a_hub_name_and_says_when_it_cannot():
       f"{spec}:init=hf-hub:timm/convnextv2_tiny.fcmae_ft_in1k,res=64,layer_decay=0.8"))
   assert c.model_name == "convnext" and c.model.version == 2 and c.layer_decay == 0.8
   assert timm_names.IMAGENET in c.input.pp and c.model_init.startswith("hf-hub:")
+  for model in ("mixer", "convnext"):  # Their tiny runlocal models pass validation.
+    tiny = configs.resolve(configs.load_experiment(f"{spec}:model={model},runlocal=True"))
+    assert tiny.model_name == model and not validate.problems(tiny)
   with pytest.raises(configs.ConfigError, match="finetune.py: timm architecture 'resnet50'"):
     configs.load_experiment(f"{spec}:init=x.safetensors,arch=resnet50")
