@@ -42,7 +42,7 @@ on ImageNet-normalised pixels: use `normalize((0.485, 0.456, 0.406), (0.229, 0.2
 
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -474,19 +474,9 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
   CheckpointError saying what to change.
   """
   del model_cfg  # The init params say everything about the model's shapes.
-  what = loading.describe(checkpoint, origin)
-  restored = loading.read_params(checkpoint)
-  # A state dict is flat (vitcls trees nest), and some of its names need not have a dot
-  # (a ViT's `cls_token`), which `loading.is_torch_layout` asks of all of them.
-  if restored and not any(isinstance(v, Mapping) for v in restored.values()):
-    restored = _from_torch(restored, what)
-  elif not ("stem" in restored and "stages_0" in restored):
-    names = ", ".join(sorted(restored)[:4]) or "nothing"
-    raise loading.CheckpointError(
-        f"'{what}' is not a vitcls ConvNeXt checkpoint (its top-level parameters are "
-        f"{names}, not stem and stages_0): pass a ConvNeXt checkpoint, or set "
-        f"config.model_name to the checkpoint's model")
-  restored = jax.tree_util.tree_map(np.asarray, restored)
+  restored, what = loading.read_model_params(
+      checkpoint, origin, family="ConvNeXt", top_level=("stem", "stages_0"),
+      from_torch=_from_torch)
   _check_architecture(restored, init_params, what)
   logging.info("Loading ConvNeXt parameters from %s.", what)
   return loading.merge(restored, init_params, dont_load, fresh=[r"head/.*"],

@@ -17,6 +17,7 @@ import zipfile
 from typing import Iterable, Mapping
 
 from absl import logging
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -168,6 +169,30 @@ def read_params(checkpoint) -> dict:
   if isinstance(tree.get("opt"), dict) and isinstance(tree["opt"].get("target"), dict):
     return tree["opt"]["target"]
   return tree
+
+
+def read_model_params(checkpoint, origin: str, *, family: str, top_level: tuple[str, ...],
+                      from_torch) -> tuple[dict, str]:
+  """A checkpoint of one model family as a vitcls tree of NumPy arrays, and how messages
+  name it (`describe`).
+
+  A flat PyTorch state dict (a `.safetensors` file) goes through `from_torch(flat, what)`;
+  a vitcls tree (a workdir's params, an `.npz`) must have the `top_level` names, or it is
+  another model's: one CheckpointError saying so.
+  """
+  what = describe(checkpoint, origin)
+  restored = read_params(checkpoint)
+  # A state dict is flat (vitcls trees nest), and some of its names need not have a dot
+  # (a ViT's `cls_token`).
+  if restored and not any(isinstance(v, Mapping) for v in restored.values()):
+    restored = from_torch(restored, what)
+  elif not all(k in restored for k in top_level):
+    names = ", ".join(sorted(restored)[:4]) or "nothing"
+    raise CheckpointError(
+        f"'{what}' is not a vitcls {family} checkpoint (its top-level parameters are "
+        f"{names}, not {' and '.join(top_level)}): pass a {family} checkpoint, or set "
+        f"config.model_name to the checkpoint's model")
+  return jax.tree_util.tree_map(np.asarray, restored), what
 
 
 def describe(checkpoint, origin: str = "") -> str:

@@ -433,17 +433,9 @@ def load(init_params, checkpoint, model_cfg, dont_load: Sequence[str] = (),
   size, or any other mismatch is one CheckpointError saying what to change.
   """
   del model_cfg  # The init params say everything about the model's shapes.
-  what = loading.describe(checkpoint, origin)
-  restored = loading.read_params(checkpoint)
-  if restored and not any(isinstance(v, Mapping) for v in restored.values()):
-    restored = _from_torch(restored, what)
-  elif not ("stem" in restored and "s1" in restored):
-    names = ", ".join(sorted(restored)[:4]) or "nothing"
-    raise loading.CheckpointError(
-        f"'{what}' is not a vitcls RegNet checkpoint (its top-level parameters are "
-        f"{names}, not stem and s1): pass a RegNet checkpoint, or set config.model_name "
-        f"to the checkpoint's model")
-  restored = jax.tree_util.tree_map(np.asarray, restored)
+  restored, what = loading.read_model_params(
+      checkpoint, origin, family="RegNet", top_level=("stem", "s1"),
+      from_torch=_from_torch)
   _check_architecture(restored, init_params, what)
   logging.info("Loading RegNet parameters from %s.", what)
   return loading.merge(restored, init_params, dont_load, fresh=[r"head/.*"],
