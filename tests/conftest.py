@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,28 @@ def read_metrics(workdir):
 
 def losses(workdir):
   return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def flat_arrays(tree, prefix=""):
+  """{'/a/b': array} of a nested dict of arrays."""
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(flat_arrays(v, f"{prefix}/{k}"))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+def assert_same_run(straight, workdir, step):
+  """Params and EMA at `step`, and the logged loss curve, bitwise equal in both workdirs."""
+  from vitcls.run import checkpoint  # pylint: disable=g-import-not-at-top
+  for part in (1, 2):  # params, ema
+    a = flat_arrays(checkpoint.load_weights(straight, step)[part])
+    b = flat_arrays(checkpoint.load_weights(workdir, step)[part])
+    assert a.keys() == b.keys() and a
+    for name in a:
+      assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
+  assert losses(straight) == losses(workdir)  # The logged curve too, step for step.
 
 
 def write_sweep_experiment(tmp_path, sweep_source):

@@ -24,8 +24,8 @@ from vitcls.errors import UserError
 from vitcls.models import loading
 from vitcls.run import build, checkpoint, evaluation, report
 from vitcls.run import teacher as teacher_lib
-from conftest import DEFAULT_EXPERIMENT, REPO, losses as logged_losses
-from conftest import train_command, xla_flags
+from conftest import DEFAULT_EXPERIMENT, REPO
+from conftest import assert_same_run, train_command, xla_flags
 
 EXPERIMENT = DEFAULT_EXPERIMENT + ":runlocal=True"
 
@@ -363,15 +363,6 @@ KILL_OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=4"
                   "--config.input.pp=random_shift(2)|value_range(-1,1)|onehot(10)"]
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-  return {prefix: np.asarray(tree)}
-
-
 def test_sigkill_mid_distillation_then_resume_is_bitwise_equal(tmp_path, teacher_dir):
   env = dict(os.environ, XLA_FLAGS=xla_flags(1), TF_CPP_MIN_LOG_LEVEL="2",
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
@@ -401,13 +392,7 @@ def test_sigkill_mid_distillation_then_resume_is_bitwise_equal(tmp_path, teacher
   text = log_path.read_text()
   assert resumed.returncode == 0, text[-3000:]
   assert "Resuming from the checkpoint of step" in text
-  for part in (1, 2):  # params, ema
-    a = _flat(checkpoint.load_weights(straight, STEPS)[part])
-    b = _flat(checkpoint.load_weights(killed, STEPS)[part])
-    assert a.keys() == b.keys() and a
-    for name in a:
-      assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
-  assert logged_losses(straight) == logged_losses(killed)
+  assert_same_run(straight, killed, STEPS)
 
 
 # Evaluation and report.

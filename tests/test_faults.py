@@ -16,8 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from vitcls.run import checkpoint
-from conftest import DEFAULT_EXPERIMENT, REPO, losses, train_command, xla_flags
+from conftest import DEFAULT_EXPERIMENT, REPO, assert_same_run, train_command
+from conftest import xla_flags
 
 STEPS = 150
 OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint_every=10",
@@ -74,23 +74,7 @@ def _saving(workdir):
 
 
 def _assert_same_as(straight, workdir):
-  for part in (1, 2):  # params, ema
-    a = checkpoint.load_weights(straight, STEPS)[part]
-    b = checkpoint.load_weights(workdir, STEPS)[part]
-    flat_a, flat_b = _flat(a), _flat(b)
-    assert flat_a.keys() == flat_b.keys() and flat_a
-    for name in flat_a:
-      assert flat_a[name].tobytes() == flat_b[name].tobytes(), f"{name} differs"
-  assert losses(straight) == losses(workdir)  # The logged curve too, step for step.
-
-
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-  return {prefix: np.asarray(tree)}
+  assert_same_run(straight, workdir, STEPS)
 
 
 def _wait_for(predicate, proc, timeout=300):
